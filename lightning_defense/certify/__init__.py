@@ -1,0 +1,41 @@
+"""Certified defenses against data poisoning: randomized smoothing (Hong et al.) and DPA."""
+
+from lightning_defense.certify.dpa import (
+    dpa_certificate,
+    dpa_certificate_batch,
+    dpa_partition,
+    median_certified_size,
+)
+from lightning_defense.certify.smoothing import (
+    ABSTAIN,
+    Certificate,
+    CertificateBatch,
+    certified_accuracy,
+    certify,
+    certify_batch,
+    linf_to_l2,
+    lower_confidence_bound,
+    per_sample_radius,
+    plot_certified_accuracy,
+    predict,
+    two_class_radius,
+)
+
+__all__ = [
+    "ABSTAIN",
+    "Certificate",
+    "CertificateBatch",
+    "certified_accuracy",
+    "certify",
+    "certify_batch",
+    "dpa_certificate",
+    "dpa_certificate_batch",
+    "dpa_partition",
+    "linf_to_l2",
+    "lower_confidence_bound",
+    "median_certified_size",
+    "per_sample_radius",
+    "plot_certified_accuracy",
+    "predict",
+    "two_class_radius",
+]

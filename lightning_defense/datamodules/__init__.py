@@ -1,0 +1,38 @@
+"""Datamodules: the embedded digits, CIFAR-10, image folders, poison sets and wrappers.
+
+Every datamodule yields ``(images in [0,1], labels, indices)``; see :mod:`lightning_defense.datamodules._base`.
+"""
+
+from lightning_defense.datamodules._base import IndexedDataset, ImageDataModule, dataset_tensors, unpack_batch
+from lightning_defense.datamodules.cifar10 import CIFAR10DataModule, read_cifar10
+from lightning_defense.datamodules.digits import DigitsDataModule, load_digits_tensors
+from lightning_defense.datamodules.image_folder import ImageFolderDataModule
+from lightning_defense.datamodules.importers import (
+    UntrustedPickleError,
+    from_benchmark_pickles,
+    from_npy,
+    from_poisoned_arrays,
+)
+from lightning_defense.datamodules.poison import PoisonSet, PoisonSetError
+from lightning_defense.datamodules.poisoned import PoisonedDataModule
+from lightning_defense.datamodules.wrapper import TrainSplitWrapper
+
+__all__ = [
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+    "IndexedDataset",
+    "PoisonSet",
+    "PoisonSetError",
+    "PoisonedDataModule",
+    "TrainSplitWrapper",
+    "UntrustedPickleError",
+    "dataset_tensors",
+    "from_benchmark_pickles",
+    "from_npy",
+    "from_poisoned_arrays",
+    "load_digits_tensors",
+    "read_cifar10",
+    "unpack_batch",
+]

@@ -1,0 +1,50 @@
+"""Wrapping a user's datamodule: rewrite its training split, pass validation and test through."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import Dataset
+
+from lightning_defense.datamodules._base import ImageDataModule
+
+
+class TrainSplitWrapper(ImageDataModule):
+    """Base of every wrapper that rewrites only the training split of ``base``.
+
+    Subclasses implement :meth:`wrap_train`. ``num_classes``, ``num_channels`` and the loader settings
+    come from ``base``; validation and test sets are ``base``'s, untouched.
+
+    Args:
+        base: Any datamodule that yields ``(images, labels, indices)`` and sets ``train_set``,
+            ``val_set`` and ``test_set`` in ``setup``.
+    """
+
+    def __init__(self, base: L.LightningDataModule) -> None:
+        if not isinstance(base, L.LightningDataModule):
+            raise TypeError(f"base must be a LightningDataModule; got {type(base).__name__}")
+        super().__init__(
+            batch_size=getattr(base, "batch_size", 128),
+            num_workers=getattr(base, "num_workers", 0),
+            seed=getattr(base, "seed", 0),
+        )
+        self.base = base
+        self.num_classes = getattr(base, "num_classes", None)
+        self.num_channels = getattr(base, "num_channels", None)
+
+    def prepare_data(self) -> None:
+        self.base.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.base.setup(stage)
+        for name in ("train_set", "val_set", "test_set"):
+            if getattr(self.base, name, None) is None:
+                raise AttributeError(
+                    f"{type(self.base).__name__} has no {name} after setup(); a wrapped datamodule must expose "
+                    "train_set, val_set and test_set datasets yielding (image, label, index)"
+                )
+        self.val_set, self.test_set = self.base.val_set, self.base.test_set
+        if self.train_set is None:
+            self.train_set = self.wrap_train(self.base.train_set)
+
+    def wrap_train(self, train_set: Dataset) -> Dataset:
+        raise NotImplementedError

@@ -1,0 +1,32 @@
+"""Batched random crop and flip on the device, run after the defenses have acted."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def random_crop_flip(x: Tensor, padding: int = 4, flip: bool = True, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Zero-pad by ``padding``, take a random crop of the original size per sample, and flip half.
+
+    The standard CIFAR augmentation (``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip``), done on
+    the whole batch at once so it can run after ``on_train_batch_start`` callbacks.
+    """
+    n, _, h, w = x.shape
+    device = x.device
+    if padding > 0:
+        padded = F.pad(x, (padding,) * 4)
+        oy = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
+        ox = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
+        rows = (oy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=device))[:, None, None, :]
+        batch = torch.arange(n, device=device)[:, None, None, None]
+        chans = torch.arange(x.shape[1], device=device)[None, :, None, None]
+        x = padded[batch, chans, rows, cols]
+    if flip:
+        mask = torch.rand(n, device=device, generator=generator) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+    return x

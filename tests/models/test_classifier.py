@@ -1,0 +1,68 @@
+import lightning as L
+import pytest
+import torch
+
+from lightning_defense.datamodules import DigitsDataModule
+from lightning_defense.models import CifarResNet18, ImageClassifier, SmallCNN, build_backbone, paper_milestones, random_crop_flip
+
+
+def test_random_crop_flip_moves_pixels_within_padding():
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, 3, 3] = 1.0
+    out = random_crop_flip(x, padding=2, flip=False, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    pos = out.flatten(1).argmax(1)
+    rows, cols = pos // 8, pos % 8
+    assert rows.min() >= 1 and rows.max() <= 5 and cols.min() >= 1 and cols.max() <= 5
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 5  # crops differ per sample
+    flipped = random_crop_flip(x, padding=0, flip=True, generator=torch.Generator().manual_seed(0))
+    n_flipped = (flipped[:, 0, 3, 4] == 1).sum()
+    assert 10 < n_flipped < 54 and torch.equal(flipped.sum((1, 2, 3)), x.sum((1, 2, 3)))
+
+
+def test_paper_milestones():
+    assert paper_milestones(80) == [30, 50, 70]  # FRIENDS' recipe for 80 epochs
+    assert paper_milestones(40) == [15, 25, 35]
+
+
+def test_backbones_shapes():
+    x = torch.rand(2, 3, 32, 32)
+    assert SmallCNN(7, 3)(x).shape == (2, 7)
+    assert CifarResNet18(10, 3)(x).shape == (2, 10)
+    assert CifarResNet18(10, 3, norm="group")(x).shape == (2, 10)
+    assert build_backbone("resnet18", 5, 3)(x).shape == (2, 5)  # a timm model by name
+    with pytest.raises(ValueError, match="unknown backbone 'nope'"):
+        build_backbone("nope", 10, 3)
+
+
+def test_normalisation_belongs_to_the_model():
+    model = ImageClassifier("small_cnn", num_classes=10, in_chans=3, mean=[0.1, 0.2, 0.3], std=0.5)
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(model.normalize(x), (x - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / 0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_classes": 1}, "num_classes must be >= 2"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"mean": [0.5, 0.5]}, "mean needs 1 or in_chans=3"),
+        ({"std": 0.0}, "std must be > 0"),
+        ({"crop_padding": -1}, "crop_padding must be >= 0"),
+    ],
+)
+def test_argument_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ImageClassifier(**kwargs)
+
+
+def test_learns_digits(quiet_trainer_kwargs):
+    L.seed_everything(0)
+    dm = DigitsDataModule(image_size=16, batch_size=64)
+    model = ImageClassifier("small_cnn", num_classes=10, in_chans=1, lr=0.05, crop_padding=1, flip=False)
+    trainer = L.Trainer(max_epochs=3, **quiet_trainer_kwargs)
+    trainer.fit(model, datamodule=dm)
+    acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+    assert acc > 0.8  # chance is 0.1
+    preds = torch.cat(trainer.predict(model, datamodule=dm))
+    assert preds.shape == (len(dm.test_set),)
