@@ -13,6 +13,7 @@ from lightning_defense.datamodules.importers import (
     from_npy,
     from_poisoned_arrays,
 )
+from lightning_defense.datamodules.noise import GaussianNoiseDataModule, per_sample_normal
 from lightning_defense.datamodules.poison import PoisonSet, PoisonSetError
 from lightning_defense.datamodules.poisoned import PoisonedDataModule
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
@@ -20,6 +21,7 @@ from lightning_defense.datamodules.wrapper import TrainSplitWrapper
 __all__ = [
     "CIFAR10DataModule",
     "DigitsDataModule",
+    "GaussianNoiseDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
     "IndexedDataset",
@@ -33,6 +35,7 @@ __all__ = [
     "from_npy",
     "from_poisoned_arrays",
     "load_digits_tensors",
+    "per_sample_normal",
     "read_cifar10",
     "unpack_batch",
 ]
