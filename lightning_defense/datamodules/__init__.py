@@ -5,6 +5,7 @@ Every datamodule yields ``(images in [0,1], labels, indices)``; see :mod:`lightn
 
 from lightning_defense.datamodules._base import IndexedDataset, ImageDataModule, dataset_tensors, unpack_batch
 from lightning_defense.datamodules.cifar10 import CIFAR10DataModule, read_cifar10
+from lightning_defense.datamodules.deep_knn import DeepKNNFilterDataModule
 from lightning_defense.datamodules.digits import DigitsDataModule, load_digits_tensors
 from lightning_defense.datamodules.image_folder import ImageFolderDataModule
 from lightning_defense.datamodules.importers import (
@@ -16,10 +17,12 @@ from lightning_defense.datamodules.importers import (
 from lightning_defense.datamodules.noise import GaussianNoiseDataModule, per_sample_normal
 from lightning_defense.datamodules.poison import PoisonSet, PoisonSetError
 from lightning_defense.datamodules.poisoned import PoisonedDataModule
+from lightning_defense.datamodules.shortcut_squeezing import ShortcutSqueezeDataModule
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
 
 __all__ = [
     "CIFAR10DataModule",
+    "DeepKNNFilterDataModule",
     "DigitsDataModule",
     "GaussianNoiseDataModule",
     "ImageDataModule",
@@ -28,6 +31,7 @@ __all__ = [
     "PoisonSet",
     "PoisonSetError",
     "PoisonedDataModule",
+    "ShortcutSqueezeDataModule",
     "TrainSplitWrapper",
     "UntrustedPickleError",
     "dataset_tensors",

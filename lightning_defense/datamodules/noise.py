@@ -6,6 +6,7 @@ certification loop trains one model per noise draw (``seed``).
 
 from __future__ import annotations
 
+import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
@@ -15,15 +16,17 @@ from lightning_defense.datamodules._base import IndexedDataset, dataset_tensors
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
 
 
-def per_sample_normal(seed: int, indices: Tensor, shape: tuple[int, ...]) -> Tensor:
+def per_sample_normal(seed: int, indices: Tensor, shape: tuple[int, ...], stream: int = 0) -> Tensor:
     """Standard normal noise for each sample index, drawn from a stream keyed by ``(seed, index)``.
 
     The noise of a sample depends only on the seed and its index in the split, never on the batch
-    size, the order or the number of processes, so sharded work gives identical bytes.
+    size, the order or the number of processes, so sharded work gives identical bytes. ``stream > 0``
+    gives further independent draws for the same sample (e.g. one per reverse-diffusion step).
     """
     out = np.empty((len(indices), *shape), dtype=np.float32)
+    extra = [int(stream)] if stream else []
     for row, index in enumerate(indices.tolist()):
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(index)])))
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(index), *extra])))
         out[row] = rng.standard_normal(shape, dtype=np.float32)
     return torch.from_numpy(out)
 
@@ -44,7 +47,7 @@ class GaussianNoiseDataModule(TrainSplitWrapper):
         dm = GaussianNoiseDataModule(DigitsDataModule(), sigma=0.25, seed=0)
     """
 
-    def __init__(self, base, sigma: float = 0.25, seed: int = 0) -> None:
+    def __init__(self, base: L.LightningDataModule, sigma: float = 0.25, seed: int = 0) -> None:
         super().__init__(base)
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0 (noise std in [0,1] pixel units); got {sigma}")

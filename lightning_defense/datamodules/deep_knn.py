@@ -1,0 +1,120 @@
+"""Deep k-NN filtering (Peri et al. 2020): drop training samples whose label disagrees with the
+plurality label of their k nearest neighbours in a trained model's feature space.
+
+Hong et al. (Table 4) report how many removed samples were poisons (TP) and how many were not (FP),
+with k = 500 as in the original work.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from lightning_defense.datamodules._base import IndexedDataset, dataset_tensors
+from lightning_defense.datamodules.wrapper import TrainSplitWrapper
+
+
+def knn_disagreement(features: Tensor, labels: Tensor, k: int, num_classes: int, chunk: int = 1024) -> Tensor:
+    """Boolean mask of samples whose label is not a plurality label among their k nearest neighbours.
+
+    Distances are Euclidean; a sample is not its own neighbour. A sample whose label ties for the
+    plurality is kept.
+    """
+    keep = torch.empty(len(features), dtype=torch.bool)
+    for start in range(0, len(features), chunk):
+        block = features[start : start + chunk]
+        dist = torch.cdist(block, features)
+        dist[torch.arange(len(block)), torch.arange(start, start + len(block))] = float("inf")
+        neighbours = dist.topk(k, largest=False).indices
+        votes = F.one_hot(labels[neighbours], num_classes).sum(1)
+        own = votes.gather(1, labels[start : start + len(block), None]).squeeze(1)
+        keep[start : start + len(block)] = own == votes.max(1).values
+    return ~keep
+
+
+@torch.no_grad()
+def penultimate_features(model: L.LightningModule, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Features before the classifier head of an ``ImageClassifier``-style model (eval mode)."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = model.normalize(images[start : start + batch_size].to(model.device))
+        feats = model.backbone.forward_features(x)
+        out.append((feats.mean((2, 3)) if feats.ndim == 4 else feats).flatten(1).cpu())
+    return torch.cat(out)
+
+
+class DeepKNNFilterDataModule(TrainSplitWrapper):
+    """``base`` with label-inconsistent training samples removed (Deep k-NN, Peri et al.).
+
+    The features come from ``feature_model``: a trained ``ImageClassifier``, or, when None, one trained
+    here for ``epochs`` on the (possibly poisoned) training split, as a defender would.
+
+    Args:
+        base: The (possibly poisoned) datamodule. If it is a ``PoisonedDataModule``, the report counts
+            true and false positives against its poison indices.
+        k: Neighbours; 500 as in the original work, capped at N - 1.
+        feature_model: A trained model with ``normalize`` and ``backbone.forward_features``.
+        backbone: Backbone name for the model trained when ``feature_model`` is None.
+        epochs: Epochs of that training.
+        seed: Seed of that training.
+
+    After ``setup``, ``kept_indices`` maps the filtered split back to the base split and ``report``
+    holds ``removed``, ``true_positives`` and ``false_positives``.
+    """
+
+    def __init__(
+        self,
+        base: L.LightningDataModule,
+        k: int = 500,
+        feature_model: Optional[L.LightningModule] = None,
+        backbone: str = "small_cnn",
+        epochs: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(base)
+        if k < 1:
+            raise ValueError(f"k must be >= 1; got {k}")
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1; got {epochs}")
+        self.k = k
+        self.feature_model = feature_model
+        self.backbone = backbone
+        self.epochs = epochs
+        self.knn_seed = seed
+        self.kept_indices: Optional[Tensor] = None
+        self.report: dict[str, int] = {}
+
+    def _train_feature_model(self) -> L.LightningModule:
+        from lightning_defense.models import ImageClassifier
+
+        L.seed_everything(self.knn_seed, verbose=False)
+        model = ImageClassifier(self.backbone, num_classes=self.num_classes, in_chans=self.num_channels, lr=0.05, flip=False)
+        trainer = L.Trainer(
+            max_epochs=self.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        )
+        trainer.fit(model, train_dataloaders=self._loader(self.base.train_set, shuffle=True))
+        return model
+
+    def wrap_train(self, train_set: Dataset) -> Dataset:
+        images, labels = dataset_tensors(train_set)
+        model = self.feature_model or self._train_feature_model()
+        k = min(self.k, len(images) - 1)
+        removed = knn_disagreement(penultimate_features(model, images), labels, k, self.num_classes)
+        self.kept_indices = (~removed).nonzero().flatten()
+        removed_idx = removed.nonzero().flatten()
+        self.report = {"k": k, "removed": len(removed_idx)}
+        poison_set = getattr(self.base, "poison_set", None)
+        if poison_set is not None:
+            is_poison = torch.isin(removed_idx, poison_set.indices)
+            self.report |= {"true_positives": int(is_poison.sum()), "false_positives": int((~is_poison).sum()),
+                            "poisons": len(poison_set.indices)}
+        rank_zero_info(f"Deep k-NN filter: {self.report}")
+        return IndexedDataset(images[self.kept_indices], labels[self.kept_indices])

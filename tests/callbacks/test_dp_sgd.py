@@ -1,0 +1,100 @@
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_defense.callbacks.dp_sgd import DPSGD
+from lightning_defense.datamodules import DigitsDataModule
+from lightning_defense.models import ImageClassifier
+
+
+def _model(norm="group"):
+    return ImageClassifier(
+        "small_cnn", num_classes=10, in_chans=1, lr=1.0, momentum=0.0, weight_decay=0.0, crop_padding=0,
+        flip=False, milestones=[100], backbone_kwargs={"width": 4, "norm": norm},
+    )
+
+
+class RecordFirstStep(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.batch = [t.clone() for t in batch]
+            self.before = {k: v.clone() for k, v in pl_module.named_parameters()}
+
+
+def test_update_is_the_mean_of_clipped_per_sample_gradients(quiet_trainer_kwargs):
+    L.seed_everything(0)
+    clip = 0.05
+    model, record = _model(), RecordFirstStep()
+    dp = DPSGD(noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, callbacks=[dp, record], **quiet_trainer_kwargs)
+    trainer.fit(model, datamodule=DigitsDataModule(image_size=8, batch_size=16))
+
+    # Independent computation: per-sample gradients one by one, clipped to `clip`, averaged.
+    reference = _model()
+    reference.load_state_dict({**reference.state_dict(), **record.before})
+    x, y, _ = record.batch
+    names = [n for n, _ in reference.named_parameters()]
+    clipped, norms = [], []
+    for i in range(len(x)):
+        grads = torch.autograd.grad(F.cross_entropy(reference(x[i : i + 1]), y[i : i + 1]), list(reference.parameters()))
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        norms.append(norm)
+        clipped.append([g * min(1.0, clip / (norm.item() + 1e-6)) for g in grads])
+    assert min(norms) > clip  # clipping is active for every sample, so a missing clip would show
+    expected_step = [sum(c[j] for c in clipped) / len(x) for j in range(len(names))]
+    after = dict(model.named_parameters())
+    for name, step in zip(names, expected_step):
+        torch.testing.assert_close(record.before[name] - after[name].detach(), step, atol=1e-5, rtol=1e-3)
+
+
+def test_reports_finite_epsilon_and_resumes_its_accountant(tmp_path):
+    L.seed_everything(0)
+    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    kwargs = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=5, limit_val_batches=0, callbacks=[dp], **kwargs)
+    trainer.fit(_model(), datamodule=DigitsDataModule(image_size=8, batch_size=32))
+    eps_one = dp.epsilon
+    assert 0 < eps_one < 100 and math.isfinite(eps_one)
+    assert trainer.callback_metrics["dp/epsilon"] == pytest.approx(eps_one)
+    ckpt = next(Path(tmp_path).rglob("*.ckpt"))
+
+    resumed = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=0, callbacks=[resumed], **kwargs)
+    trainer.fit(_model(), datamodule=DigitsDataModule(image_size=8, batch_size=32), ckpt_path=str(ckpt))
+    assert len(resumed._accountant.history) >= 1 and resumed.epsilon > eps_one  # privacy spent keeps adding up
+
+
+def test_batchnorm_is_a_clear_error_or_replaced(quiet_trainer_kwargs):
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, callbacks=[DPSGD()], **quiet_trainer_kwargs)
+    with pytest.raises(ValueError, match="replace_batchnorm=True"):
+        trainer.fit(_model(norm="batch"), datamodule=DigitsDataModule(image_size=8))
+    model = _model(norm="batch")
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, callbacks=[DPSGD(replace_batchnorm=True)], **quiet_trainer_kwargs)
+    trainer.fit(model, datamodule=DigitsDataModule(image_size=8))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"noise_multiplier": -1}, "noise_multiplier"), ({"max_grad_norm": 0}, "max_grad_norm"), ({"delta": 1.0}, "delta")],
+)
+def test_argument_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DPSGD(**kwargs)
+
+
+def test_two_process_cpu_ddp(tmp_path):
+    out = tmp_path / "result.pt"
+    script = Path(__file__).with_name("ddp_dp_sgd_script.py")
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = torch.load(out, weights_only=True)
+    assert 0 < result["epsilon"] < 100
+    torch.testing.assert_close(result["weights"][0], result["weights"][1])  # ranks stay in sync
