@@ -1,10 +1,17 @@
-"""Certified defenses against data poisoning: randomized smoothing (Hong et al.) and DPA."""
+"""Certified defenses against data poisoning: randomized smoothing (Hong et al.) and DPA, and their loop."""
 
 from lightning_defense.certify.dpa import (
     dpa_certificate,
     dpa_certificate_batch,
     dpa_partition,
     median_certified_size,
+)
+from lightning_defense.certify.loop import (
+    DEFAULT_SMOOTHING,
+    CertificationResult,
+    TrainingOptions,
+    plot_runs,
+    run_certification,
 )
 from lightning_defense.certify.smoothing import (
     ABSTAIN,
@@ -23,8 +30,11 @@ from lightning_defense.certify.smoothing import (
 
 __all__ = [
     "ABSTAIN",
+    "DEFAULT_SMOOTHING",
     "Certificate",
     "CertificateBatch",
+    "CertificationResult",
+    "TrainingOptions",
     "certified_accuracy",
     "certify",
     "certify_batch",
@@ -36,6 +46,8 @@ __all__ = [
     "median_certified_size",
     "per_sample_radius",
     "plot_certified_accuracy",
+    "plot_runs",
     "predict",
+    "run_certification",
     "two_class_radius",
 ]

@@ -354,6 +354,7 @@ def plot_certified_accuracy(
     curves: Mapping[str, tuple[Any, Any]],
     path: str | os.PathLike[str],
     title: str | None = None,
+    xlabel: str = "radius (l2)",
 ) -> Path:
     """Plots certified accuracy against l2 radius, one line per curve (Hong et al., Fig. 1).
 
@@ -363,6 +364,7 @@ def plot_certified_accuracy(
         curves: Label -> (grid, accuracy), e.g. from :func:`certified_accuracy`.
         path: Output PNG file.
         title: Optional axes title.
+        xlabel: The x-axis label (e.g. "poisoned samples" for DPA certificates).
 
     Returns:
         The path written.
@@ -387,7 +389,7 @@ def plot_certified_accuracy(
                 f"got {grid.size} and {accuracy.size}"
             )
         ax.plot(grid, accuracy, label=str(label))
-    ax.set_xlabel("radius (l2)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0.0, 1.0)
     if title is not None:

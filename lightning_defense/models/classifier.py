@@ -22,7 +22,7 @@ def paper_milestones(max_epochs: int) -> list[int]:
     The FRIENDS code writes ``[e//2.667, e//1.6, e//1.142]``, whose float floors give 29/49/70 for 80
     epochs; the fractions it approximates give the 30/50/70 the paper states.
     """
-    return [round(max_epochs * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+    return sorted({max(1, round(max_epochs * f)) for f in (3 / 8, 5 / 8, 7 / 8)})  # never a step at epoch 0
 
 
 class ImageClassifier(L.LightningModule):

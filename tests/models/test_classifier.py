@@ -23,6 +23,7 @@ def test_random_crop_flip_moves_pixels_within_padding():
 def test_paper_milestones():
     assert paper_milestones(80) == [30, 50, 70]  # FRIENDS' recipe for 80 epochs
     assert paper_milestones(40) == [15, 25, 35]
+    assert paper_milestones(1) == [1] and paper_milestones(2) == [1, 2]  # short runs start at full lr
 
 
 def test_backbones_shapes():

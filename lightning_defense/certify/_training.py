@@ -1,0 +1,146 @@
+"""Training the certification loop's models: one at a time, or several at once with ``torch.func``.
+
+Each model follows :class:`~lightning_defense.models.ImageClassifier`'s recipe (random crop/flip in
+pixel space, normalisation, cross-entropy, SGD with Nesterov momentum and weight decay, x``gamma``
+steps at the milestones) in a plain loop on one device, so that no process group is nested inside the
+loop's own DDP sharding. All randomness of model ``i`` (initialisation, shuffling, augmentation) comes
+from streams keyed by ``(seed, i)``: a model's votes depend neither on the rank that trains it nor on
+the other models of its group.
+
+Several models train at once by stacking their weights (``torch.func.stack_module_state``) and
+calling the shared architecture through ``vmap(functional_call)``. BatchNorm works in this mode: each
+model's running statistics are stacked buffers that ``vmap`` updates in place per model, so a group
+computes, up to floating-point rounding, the same updates as training the models one by one. SGD is
+elementwise per parameter, so one ``torch.optim.SGD`` over the stacked tensors is the per-model SGD.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, stack_module_state, vmap
+
+from lightning_defense.models.augment import random_crop_flip
+from lightning_defense.models.classifier import ImageClassifier, paper_milestones
+
+# Independent random streams of one model, keyed by (seed, model index, stream).
+INIT, SHUFFLE, AUGMENT = 0, 1, 2
+
+
+def stream_seed(seed: int, index: int, stream: int) -> int:
+    """A 63-bit seed for ``stream`` of model ``index``, independent of rank and group."""
+    state = np.random.SeedSequence([int(seed), int(index), int(stream)]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+def build_model(model_args: dict, num_classes: int, in_chans: int, seed: int, index: int) -> ImageClassifier:
+    """A fresh ImageClassifier for model ``index``, initialised from its own stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stream_seed(seed, index, INIT))
+        return ImageClassifier(**model_args, num_classes=num_classes, in_chans=in_chans)
+
+
+def train_and_vote(
+    models: Sequence[ImageClassifier],
+    indices: Sequence[int],
+    train_data: Sequence[tuple[Tensor, Tensor]],
+    test_images: Tensor,
+    *,
+    seed: int,
+    max_epochs: int,
+    batch_size: int,
+    limit_train_batches: Optional[int],
+    device: torch.device,
+    use_vmap: bool,
+    eval_batch_size: int = 1024,
+) -> Tensor:
+    """Trains a group of models on their training sets and returns their votes on ``test_images``.
+
+    Args:
+        models: Freshly built models (see :func:`build_model`), one architecture.
+        indices: The models' indices in the run (they key the shuffling and augmentation streams).
+        train_data: One ``(images in [0, 1], labels)`` pair per model, on the CPU.
+        test_images: (T, C, H, W) test points in [0, 1].
+        seed: The run's seed.
+        max_epochs: Epochs per model.
+        batch_size: Training batch size.
+        limit_train_batches: At most this many batches per epoch (None: all).
+        device: Where to train.
+        use_vmap: Train the group at once with ``vmap``; every training set must have the same size.
+        eval_batch_size: Test points per forward pass.
+
+    Returns:
+        LongTensor (G, T): each model's argmax prediction on each test point, on the CPU.
+    """
+    group = len(models)
+    if not use_vmap and group != 1:
+        raise ValueError(f"without vmap, train one model at a time; got {group} models")
+    sizes = {len(images) for images, _ in train_data}
+    if use_vmap and len(sizes) != 1:
+        raise ValueError(f"models trained together need training sets of one size; got sizes {sorted(sizes)}")
+    hp = models[0].hparams
+    models = [m.to(device).train() for m in models]
+
+    if use_vmap:
+        params, buffers = stack_module_state(models)
+        template = copy.deepcopy(models[0]).to("meta")
+
+        def call(p, b, x):
+            return functional_call(template, (p, b), (x,))
+
+        trainable = list(params.values())
+    else:
+        trainable = list(models[0].parameters())
+
+    optimizer = torch.optim.SGD(
+        trainable, lr=hp.lr, momentum=hp.momentum, nesterov=bool(hp.nesterov and hp.momentum > 0),
+        weight_decay=hp.weight_decay,
+    )
+    milestones = hp.milestones if hp.milestones is not None else paper_milestones(max_epochs)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=hp.gamma)
+    shuffle_gens = [torch.Generator().manual_seed(stream_seed(seed, i, SHUFFLE)) for i in indices]
+    augment_gens = [torch.Generator(device=device).manual_seed(stream_seed(seed, i, AUGMENT)) for i in indices]
+
+    n = len(train_data[0][0])
+    steps = math.ceil(n / batch_size)
+    if limit_train_batches is not None:
+        steps = min(steps, limit_train_batches)
+    for _ in range(max_epochs):
+        orders = [torch.randperm(len(images), generator=g) for (images, _), g in zip(train_data, shuffle_gens)]
+        for step in range(steps):
+            xs, ys = [], []
+            for (images, labels), order, gen in zip(train_data, orders, augment_gens):
+                idx = order[step * batch_size : (step + 1) * batch_size]
+                x = images[idx].to(device, non_blocking=True)
+                xs.append(random_crop_flip(x, hp.crop_padding, hp.flip, generator=gen))
+                ys.append(labels[idx].to(device, non_blocking=True))
+            if use_vmap:
+                logits = vmap(call)(params, buffers, torch.stack(xs))
+                per_model = F.cross_entropy(logits.flatten(0, 1), torch.stack(ys).flatten(), reduction="none")
+                loss = per_model.view(group, -1).mean(dim=1).sum()  # each model's gradient is its own mean loss's
+            else:
+                loss = F.cross_entropy(models[0](xs[0]), ys[0])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+
+    votes = []
+    with torch.no_grad():
+        for start in range(0, len(test_images), eval_batch_size):
+            x = test_images[start : start + eval_batch_size].to(device)
+            if use_vmap:
+                template.eval()
+                logits = vmap(call, in_dims=(0, 0, None))(params, buffers, x)
+            else:
+                models[0].eval()
+                logits = models[0](x)[None]
+            votes.append(logits.argmax(dim=-1).cpu())
+    return torch.cat(votes, dim=1)

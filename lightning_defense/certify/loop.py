@@ -1,0 +1,628 @@
+"""The certification loop: m models on independently smoothed training sets, or DPA's k partitions.
+
+Randomized smoothing over the training data (Hong, Carlini & Kurakin, Sec. 3.3, Pseudocode 1-2;
+Weber et al.'s RAB): model i trains on the training set rewritten by a smoothing wrapper with draw
+``seed=i`` (Gaussian noise, diffusion denoising, ECLIPSE, ...), every model votes on the test points,
+the first n0 models select c_A and the other n = m - n0 estimate pA (Cohen et al.'s CERTIFY), and
+the certified l2 radius sigma * Phi^-1(pA) bounds the whole training set's perturbation
+sqrt(sum_i ||delta_i||_2^2).
+
+Deep Partition Aggregation (Levine & Feizi): k models, model i on the training samples whose pixel
+hash is i mod k; the certificate is the number of inserted/removed training samples the plurality vote
+survives.
+
+The trainings are sharded over every DDP rank (``lightning.fabric``), several small models train at
+once per device (``training.models_per_batch``), and each model's votes are stored atomically as soon
+as it finishes, so an interrupted run resumes at the next untrained model.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import inspect
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning as L
+import numpy as np
+import torch
+from scipy.stats import norm
+from torch import Tensor
+
+from lightning_defense.certify._training import build_model, train_and_vote
+from lightning_defense.certify._votes import VoteStore, canonical
+from lightning_defense.certify.dpa import dpa_certificate_batch, dpa_partition, median_certified_size
+from lightning_defense.certify.smoothing import (
+    ABSTAIN,
+    certified_accuracy,
+    certify_batch,
+    plot_certified_accuracy,
+)
+from lightning_defense.datamodules._base import dataset_tensors, to_float_image
+from lightning_defense.models.classifier import ImageClassifier
+
+__all__ = [
+    "DEFAULT_SMOOTHING",
+    "CertificationResult",
+    "TrainingOptions",
+    "plot_runs",
+    "run_certification",
+]
+
+MODES = ("smoothing", "dpa")
+SELECTIONS = ("split", "all")
+DEFAULT_SMOOTHING = {"class_path": "lightning_defense.datamodules.GaussianNoiseDataModule", "init_args": {}}
+"""Training-data Gaussian noise (RAB), the default smoothing wrapper; its sigma comes from ``sigma``."""
+FORMAT_VERSION = 1  # bump when the training loop changes what a model's votes are
+
+CERTIFICATES_CSV = "certificates.csv"
+CURVE_CSV = "certified_accuracy.csv"
+CURVE_PNG = "certified_accuracy.png"
+SUMMARY_JSON = "summary.json"
+DPA_XLABEL = "training samples inserted or removed"
+
+
+@dataclass
+class TrainingOptions:
+    """How each model trains, and where the loop runs.
+
+    Each model trains with :class:`~lightning_defense.models.ImageClassifier`'s recipe in a plain loop on
+    its rank's device; the batch size is the datamodule's.
+
+    Args:
+        max_epochs: Epochs per model.
+        limit_train_batches: At most this many batches per epoch (None: the whole training set).
+        models_per_batch: Models trained at once on one device with ``torch.func.vmap`` over stacked
+            weights (smoothing mode; DPA's partitions differ in size and train one at a time). BatchNorm
+            works: each model's running statistics are its own stacked buffers, so a group gives the same
+            votes as training its models one by one.
+        accelerator: ``"cpu"``, ``"gpu"``, ``"auto"``, ... (as for Lightning).
+        devices: Devices per node; with more than one process the models are sharded over all of them.
+        num_nodes: Nodes.
+    """
+
+    max_epochs: int = 10
+    limit_train_batches: Optional[int] = None
+    models_per_batch: int = 1
+    accelerator: str = "auto"
+    devices: Union[int, str] = 1
+    num_nodes: int = 1
+
+
+@dataclass
+class CertificationResult:
+    """What :func:`run_certification` produced.
+
+    Attributes:
+        output_dir: The run's directory.
+        complete: False when the run stopped early (``max_models``); outputs are written only when True.
+        trained: Indices of the models trained by this call (on all ranks), in order.
+        votes: (m, T) votes of all models when complete, else None.
+        summary: The figures also written to ``summary.json`` (empty when incomplete).
+        files: Output name -> path (certificates, curve CSV and PNG, summary).
+    """
+
+    output_dir: Path
+    complete: bool
+    trained: list[int]
+    votes: Optional[np.ndarray] = None
+    summary: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def _import_class(path: str, what: str) -> type:
+    module_name, _, name = path.rpartition(".")
+    if not module_name:  # a bare class name, as jsonargparse allows: look in the datamodules
+        module_name = "lightning_defense.datamodules"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{what} {path!r} cannot be imported ({err}); give a full path like "
+                         f"'lightning_defense.datamodules.GaussianNoiseDataModule'") from err
+    cls = getattr(module, name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"{what} {path!r}: module {module_name!r} has no class {name!r}")
+    return cls
+
+
+def resolve_smoothing(smoothing: Mapping, sigma: Optional[float]) -> tuple[type, dict, float]:
+    """Checks a smoothing wrapper spec and returns ``(class, init_args, sigma)``.
+
+    The wrapper must be a LightningDataModule taking ``base=`` and ``seed=``, which the loop injects (the
+    configured datamodule, and the model's draw index). ``sigma`` (for the radius) is taken from
+    ``init_args.sigma``, or injected there when the wrapper takes a ``sigma`` argument.
+
+    Raises:
+        ValueError: On a malformed spec, an unimportable or unsuitable class, unknown or injected
+            init_args, or no sigma.
+    """
+    if not isinstance(smoothing, Mapping) or "class_path" not in smoothing:
+        raise ValueError(
+            "smoothing must be a mapping {class_path: ..., init_args: {...}}, e.g. "
+            f"{DEFAULT_SMOOTHING}; got {smoothing!r}"
+        )
+    unknown = set(smoothing) - {"class_path", "init_args"}
+    if unknown:
+        raise ValueError(f"smoothing takes only class_path and init_args; got also {sorted(unknown)}")
+    cls = _import_class(str(smoothing["class_path"]), "smoothing.class_path")
+    if not issubclass(cls, L.LightningDataModule):
+        raise ValueError(
+            f"smoothing.class_path {smoothing['class_path']!r} is not a LightningDataModule wrapper "
+            "(e.g. GaussianNoiseDataModule or DiffusionPurifiedDataModule)"
+        )
+    init_args = dict(smoothing.get("init_args") or {})
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for injected in ("base", "seed"):
+        if injected in init_args:
+            raise ValueError(f"smoothing.init_args must not set {injected!r}: the loop injects it (the data, "
+                             "and the model's draw index)")
+        if injected not in params and not takes_any:
+            raise ValueError(f"smoothing.class_path {cls.__name__} must accept {injected}=, which the loop injects")
+    accepted = sorted(name for name in params if name != "self")
+    bad = [name for name in init_args if name not in params and not takes_any]
+    if bad:
+        raise ValueError(f"smoothing.init_args {bad} are not arguments of {cls.__name__}; it takes {accepted}")
+    if "sigma" in init_args:
+        if sigma is not None and float(sigma) != float(init_args["sigma"]):
+            raise ValueError(f"sigma={sigma} disagrees with smoothing.init_args.sigma={init_args['sigma']}; give one")
+        sigma = init_args["sigma"]
+    elif sigma is not None and ("sigma" in params or takes_any):
+        init_args["sigma"] = sigma
+    if sigma is None:
+        raise ValueError("sigma is needed for the certified radius: set sigma or smoothing.init_args.sigma")
+    if not float(sigma) > 0:
+        raise ValueError(f"sigma must be > 0; got {sigma}")
+    return cls, init_args, float(sigma)
+
+
+def _test_points(test_set, num_test_points: Optional[int], test_indices: Optional[Sequence[int]]):
+    size = len(test_set)
+    if num_test_points is not None and test_indices is not None:
+        raise ValueError("give num_test_points or test_indices, not both")
+    if test_indices is not None:
+        indices = np.asarray(list(test_indices), dtype=np.int64)
+        if indices.size == 0 or len(np.unique(indices)) != indices.size or indices.min() < 0 or indices.max() >= size:
+            raise ValueError(f"test_indices must be distinct indices in [0, {size}) of the test split; got {list(test_indices)}")
+    else:
+        if num_test_points is not None:
+            _check_int("num_test_points", num_test_points, 1)
+            if num_test_points > size:
+                raise ValueError(f"num_test_points={num_test_points} exceeds the test split's {size} samples")
+        indices = np.arange(size if num_test_points is None else num_test_points)
+    items = [test_set[int(i)] for i in indices]
+    images = to_float_image(torch.stack([item[0] for item in items]))
+    labels = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
+    return indices, images, labels
+
+
+def _with_defaults(cls: type, args: Mapping, skip: set) -> dict:
+    """``args`` completed with ``cls``'s defaults, so that a config and its spelled-out form key alike."""
+    params = inspect.signature(cls.__init__).parameters
+    full = {n: p.default for n, p in params.items()
+            if n != "self" and n not in skip and p.default is not inspect.Parameter.empty
+            and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    full.update(args)
+    return full
+
+
+def _digest(*tensors: Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_csv(path: Path, header: Sequence[str], rows) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def _vote_counts(votes: np.ndarray, num_classes: int) -> np.ndarray:
+    """(M, T) votes -> (T, K) counts."""
+    return (votes[:, :, None] == np.arange(num_classes)).sum(axis=0).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_certification(
+    data: L.LightningDataModule,
+    *,
+    model: Optional[Mapping] = None,
+    smoothing: Optional[Mapping] = None,
+    mode: str = "smoothing",
+    num_models: int = 32,
+    n0: int = 8,
+    selection: str = "split",
+    alpha: float = 0.001,
+    sigma: Optional[float] = None,
+    num_test_points: Optional[int] = None,
+    test_indices: Optional[Sequence[int]] = None,
+    training: Optional[TrainingOptions] = None,
+    output_dir: Union[str, os.PathLike] = "runs/certify",
+    seed: int = 0,
+    max_models: Optional[int] = None,
+    report_radii: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 1.0),
+    progress_bar: bool = True,
+    collective_data_setup: Optional[bool] = None,
+) -> CertificationResult:
+    """Trains m models (or DPA's k), collects their votes, and certifies the test points.
+
+    Smoothing mode (Hong et al., Pseudocode 2): model i trains on ``smoothing`` applied to ``data`` with
+    draw ``seed=i``. With ``selection="split"`` the first n0 models select c_A and the remaining
+    n = m - n0 estimate pA, as Cohen et al.'s CERTIFY requires. ``selection="all"`` is the paper's
+    variant that uses all m votes for both; it is **not a valid Cohen bound strictly** (the same votes
+    select and estimate) and is offered to reproduce the paper's figures.
+
+    DPA mode (Levine & Feizi): ``num_models`` is the number of partitions k; model i trains on the
+    training samples with ``dpa_partition(images, k) == i``; ``smoothing``, n0, selection and alpha are
+    not used.
+
+    Outputs in ``output_dir`` (global rank 0): ``votes/`` (one file per model, the resume state),
+    ``certificates.csv``, ``certified_accuracy.csv`` and ``.png``, ``summary.json``.
+
+    With more than one process (``training.devices`` or ``num_nodes``) the loop launches DDP itself,
+    re-running the current script per process, as Lightning's ``ddp`` strategy does; call it from a
+    script or the ``lightning-defense certify`` command then.
+
+    Args:
+        data: The (possibly poisoned) datamodule; its training split is smoothed or partitioned.
+        model: ``ImageClassifier`` arguments without num_classes/in_chans (taken from ``data``).
+        smoothing: Wrapper spec ``{class_path, init_args}`` instantiated per model as
+            ``cls(base=data, seed=i, **init_args)``; default :data:`DEFAULT_SMOOTHING`.
+        mode: ``"smoothing"`` or ``"dpa"``.
+        num_models: m (smoothing) or k partitions (DPA).
+        n0: Selection models (smoothing, ``selection="split"``), 1 <= n0 < m.
+        selection: ``"split"`` or ``"all"``.
+        alpha: Failure probability of the certificate.
+        sigma: Smoothing noise for the radius, if ``smoothing.init_args`` does not set it.
+        num_test_points: Certify the first this many test points (default: the whole test split).
+        test_indices: Or exactly these test-split indices.
+        training: :class:`TrainingOptions`.
+        output_dir: Where votes and outputs go; a rerun with the same configuration resumes there.
+        seed: Seeds every model's initialisation, shuffling and augmentation (with its index).
+        max_models: Train at most this many models in this call, then stop (for budgets and tests).
+        report_radii: Radii (or poisoning sizes, DPA) at which the summary reports certified accuracy.
+        progress_bar: A tqdm bar over models on rank 0.
+        collective_data_setup: Under DDP, whether every rank sets up every model's smoothed training set
+            together (needed by wrappers whose setup runs collectives, e.g. DiffusionPurifiedDataModule,
+            which then shares each draw's purification over the ranks). None: the wrapper class's
+            ``collective_setup`` attribute, else True for DiffusionPurifiedDataModule, else False.
+
+    Returns:
+        A :class:`CertificationResult`.
+
+    Raises:
+        ValueError: On bad arguments, or when ``output_dir`` holds votes of another configuration.
+
+    Example::
+
+        result = run_certification(
+            DigitsDataModule(image_size=16), model={"backbone": "small_cnn", "flip": False},
+            smoothing={"class_path": "lightning_defense.datamodules.GaussianNoiseDataModule",
+                       "init_args": {"sigma": 0.25}},
+            num_models=40, n0=10, training=TrainingOptions(max_epochs=5, accelerator="cpu"),
+        )
+        print(result.summary["certified_accuracy"])
+    """
+    training = training if training is not None else TrainingOptions()
+    if isinstance(training, Mapping):
+        training = TrainingOptions(**training)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS} ('split': n0 models select, the rest estimate; "
+                         f"'all': all m models do both, as the paper); got {selection!r}")
+    _check_int("num_models", num_models, 2 if mode == "smoothing" else 1)
+    if mode == "smoothing":
+        _check_int("n0", n0, 1)
+        if selection == "split" and n0 >= num_models:
+            raise ValueError(f"n0 must be < num_models so that n = m - n0 >= 1 models estimate pA; "
+                             f"got n0={n0}, num_models={num_models}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1); got {alpha}")
+    _check_int("training.max_epochs", training.max_epochs, 1)
+    _check_int("training.models_per_batch", training.models_per_batch, 1)
+    if training.limit_train_batches is not None:
+        _check_int("training.limit_train_batches", training.limit_train_batches, 1)
+    if max_models is not None:
+        _check_int("max_models", max_models, 0)
+    model_args = dict(model or {})
+    for linked in ("num_classes", "in_chans"):
+        if linked in model_args:
+            raise ValueError(f"model.{linked} comes from the datamodule; remove it from the model arguments")
+    if mode == "smoothing":
+        wrapper_cls, wrapper_args, sigma = resolve_smoothing(smoothing if smoothing is not None else DEFAULT_SMOOTHING, sigma)
+    elif smoothing is not None:
+        raise ValueError("mode 'dpa' partitions the training set as it is; set smoothing to null")
+    if not isinstance(data, L.LightningDataModule):
+        raise ValueError(f"data must be a LightningDataModule; got {type(data).__name__}")
+
+    from lightning.fabric import Fabric
+
+    single = training.devices in (1, "1") and training.num_nodes == 1
+    fabric = Fabric(
+        accelerator=training.accelerator, devices=training.devices, num_nodes=training.num_nodes,
+        strategy="auto" if single else "ddp",
+    )
+    fabric.launch()
+    rank0, world = fabric.global_rank == 0, fabric.world_size
+
+    if fabric.local_rank == 0:
+        data.prepare_data()
+    fabric.barrier()
+    data.setup("fit")
+    if getattr(data, "test_set", None) is None:
+        data.setup("test")
+    num_classes, in_chans = getattr(data, "num_classes", None), getattr(data, "num_channels", None)
+    if not num_classes or not in_chans or getattr(data, "train_set", None) is None or data.test_set is None:
+        raise ValueError(f"{type(data).__name__} must expose num_classes, num_channels, train_set and test_set")
+    indices, test_images, test_labels = _test_points(data.test_set, num_test_points, test_indices)
+    batch_size = int(getattr(data, "batch_size", 128))
+
+    base_images, base_labels = dataset_tensors(data.train_set)
+    if mode == "dpa":
+        partition = dpa_partition(base_images, num_models)
+        models_per_batch = 1
+    else:
+        partition = None
+        models_per_batch = training.models_per_batch
+
+    def training_data(i: int):
+        """Model i's training set (a Dataset), set up by the smoothing wrapper with draw i, or DPA partition i."""
+        if mode == "dpa":
+            keep = partition == i
+            return base_images[keep], base_labels[keep]
+        wrapper = wrapper_cls(base=data, seed=i, **wrapper_args)
+        wrapper.prepare_data()
+        wrapper.setup("fit")
+        return wrapper.train_set
+
+    collective = False
+    if mode == "smoothing" and world > 1:
+        collective = collective_data_setup if collective_data_setup is not None else _setup_is_collective(wrapper_cls)
+
+    output_dir = Path(output_dir)
+    store, todo, error = None, None, None
+    if rank0:
+        key = {
+            "format": FORMAT_VERSION,
+            "mode": mode,
+            "seed": seed,
+            "data": {"class": f"{type(data).__module__}.{type(data).__qualname__}",
+                     "train_sha256": _digest(base_images, base_labels),
+                     "test_sha256": _digest(torch.as_tensor(indices), test_images, test_labels)},
+            "model": _with_defaults(ImageClassifier, model_args, {"num_classes", "in_chans"}),
+            "training": {"max_epochs": training.max_epochs, "limit_train_batches": training.limit_train_batches,
+                         "batch_size": batch_size},
+        }
+        if mode == "smoothing":  # m is not in the key: a larger m reuses the models already trained
+            key["smoothing"] = {"class_path": f"{wrapper_cls.__module__}.{wrapper_cls.__qualname__}",
+                                "init_args": _with_defaults(wrapper_cls, wrapper_args, {"base", "seed"})}
+        else:
+            key["num_partitions"] = num_models
+        try:
+            store = VoteStore(output_dir / "votes", key, len(indices), num_classes)
+            done = store.done(num_models)
+            todo = [i for i in range(num_models) if i not in set(done)]
+            if done:
+                fabric.print(f"certify: resuming in {output_dir}: {len(done)} of {num_models} models already done")
+        except ValueError as err:
+            error = str(err)
+    todo, error = fabric.broadcast((todo, error), src=0)
+    if error:
+        raise ValueError(error)
+    if max_models is not None:
+        todo = todo[:max_models]
+
+    trained = _train_sharded(
+        fabric, todo, models_per_batch, store,
+        build=lambda i: build_model(model_args, num_classes, in_chans, seed, i),
+        training_data=training_data, collective=collective, test_images=test_images, seed=seed, training=training,
+        batch_size=batch_size, progress_bar=progress_bar and rank0,
+    )
+
+    result = CertificationResult(output_dir=output_dir, complete=False, trained=trained)
+    if rank0 and len(store.done(num_models)) == num_models:
+        votes = store.load(list(range(num_models)))
+        labels = test_labels.numpy()
+        if mode == "smoothing":
+            summary, files = _smoothing_outputs(output_dir, votes, labels, indices, num_classes, n0, selection,
+                                                alpha, sigma, report_radii)
+        else:
+            summary, files = _dpa_outputs(output_dir, votes, labels, indices, num_classes, partition, report_radii)
+        result = CertificationResult(output_dir, True, trained, votes, summary, files)
+    fabric.barrier()
+    complete = fabric.broadcast(result.complete, src=0)
+    if not rank0:
+        result.complete = complete
+    return result
+
+
+def _setup_is_collective(wrapper_cls: type) -> bool:
+    """Whether a wrapper's setup shares its offline work over the DDP ranks (all ranks must call it together)."""
+    flag = getattr(wrapper_cls, "collective_setup", None)
+    if flag is not None:
+        return bool(flag)
+    return any(c.__name__ == "DiffusionPurifiedDataModule" for c in wrapper_cls.__mro__)
+
+
+def _train_sharded(fabric, todo, models_per_batch, store, *, build, training_data, collective, test_images, seed,
+                   training, batch_size, progress_bar) -> list[int]:
+    """Rounds of ``world * models_per_batch`` models: each rank trains its share, rank 0 stores all.
+
+    With ``collective`` every rank sets up every model's training set of the round, in the same order (a
+    wrapper like DiffusionPurifiedDataModule then shares each draw's purification over the ranks), and
+    reads only its own; otherwise each rank sets up only its own models' sets.
+    """
+    from tqdm.auto import tqdm
+
+    world, rank = fabric.world_size, fabric.global_rank
+    per_round = world * models_per_batch
+    trained: list[int] = []
+    bar = tqdm(total=len(todo), desc="certify: models", unit="model", disable=not progress_bar)
+    for start in range(0, len(todo), per_round):
+        chunk = todo[start : start + per_round]
+        mine = chunk[rank * models_per_batch : (rank + 1) * models_per_batch]
+        votes = torch.full((models_per_batch, len(test_images)), -1, dtype=torch.long)
+        ids = torch.full((models_per_batch,), -1, dtype=torch.long)
+        if collective:
+            sets = {i: training_data(i) for i in chunk}
+        else:
+            sets = {i: training_data(i) for i in mine}
+        if mine:
+            data = [sets[i] if isinstance(sets[i], tuple) else dataset_tensors(sets[i]) for i in mine]
+            votes[: len(mine)] = train_and_vote(
+                [build(i) for i in mine], mine, data, test_images, seed=seed, max_epochs=training.max_epochs,
+                batch_size=batch_size, limit_train_batches=training.limit_train_batches, device=fabric.device,
+                use_vmap=len(mine) > 1,
+            )
+            ids[: len(mine)] = torch.as_tensor(mine)
+        if world > 1:
+            votes = fabric.all_gather(votes.to(fabric.device)).cpu().flatten(0, 1)
+            ids = fabric.all_gather(ids.to(fabric.device)).cpu().flatten(0, 1)
+        if rank == 0:
+            for i, v in zip(ids.tolist(), votes):
+                if i >= 0:
+                    store.save(i, v.numpy())
+        trained += [i for i in ids.tolist() if i >= 0]
+        bar.update(len(chunk))
+    bar.close()
+    return trained
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _curve(output_dir: Path, grid: np.ndarray, accuracy: np.ndarray, xname: str, label: str, xlabel: str,
+           title: str, plot_grid: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict:
+    csv_path = _write_csv(output_dir / CURVE_CSV, [xname, "certified_accuracy"],
+                          ((float(r), float(a)) for r, a in zip(grid, accuracy)))
+    png = plot_certified_accuracy({label: plot_grid or (grid, accuracy)}, output_dir / CURVE_PNG, title=title,
+                                  xlabel=xlabel)
+    return {"curve_csv": csv_path, "curve_png": png}
+
+
+def _write_summary(output_dir: Path, summary: dict) -> Path:
+    path = output_dir / SUMMARY_JSON
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(canonical(summary), indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def _smoothing_outputs(output_dir, votes, labels, indices, num_classes, n0, selection, alpha, sigma, report_radii):
+    m = votes.shape[0]
+    if selection == "split":
+        counts0, counts = _vote_counts(votes[:n0], num_classes), _vote_counts(votes[n0:], num_classes)
+    else:
+        counts0 = counts = _vote_counts(votes, num_classes)
+    n = int(counts[0].sum())
+    cert = certify_batch(counts0, counts, sigma, alpha)
+    correct = cert.prediction == labels
+    files = {"certificates": _write_csv(
+        output_dir / CERTIFICATES_CSV, ["index", "label", "prediction", "pA", "radius", "correct"],
+        zip(indices.tolist(), labels.tolist(), cert.prediction.tolist(), cert.p_a.tolist(), cert.radius.tolist(),
+            correct.astype(int).tolist()),
+    )}
+    max_radius = sigma * max(float(norm.ppf(alpha ** (1.0 / n))), 0.0)  # pA when all n votes agree
+    top = max(max_radius, float(cert.radius.max()), max(report_radii, default=0.0)) * 1.05 or sigma
+    grid = np.unique(np.concatenate([np.linspace(0.0, top, 201), np.asarray(report_radii, dtype=float)]))
+    files.update(_curve(output_dir, grid, certified_accuracy(cert.radius, correct, grid), "radius",
+                        f"sigma={sigma:g}", "radius (l2, whole training set)",
+                        f"m={m}, n0={n0 if selection == 'split' else m}, n={n}, alpha={alpha:g}"))
+    majority = _vote_counts(votes, num_classes).argmax(axis=1)
+    summary = {
+        "mode": "smoothing", "sigma": sigma, "num_models": m, "n0": n0 if selection == "split" else m, "n": n,
+        "selection": selection, "alpha": alpha, "num_test_points": len(labels),
+        "certified_accuracy": {f"{r:g}": float(certified_accuracy(cert.radius, correct, [r])[0]) for r in report_radii},
+        "abstain_rate": float(np.mean(cert.prediction == ABSTAIN)),
+        "smoothed_accuracy": float(np.mean(majority == labels)),
+        "mean_model_accuracy": float(np.mean(votes == labels[None, :])),
+        "max_certifiable_radius": max_radius,
+    }
+    files["summary"] = _write_summary(output_dir, summary)
+    return summary, files
+
+
+def _dpa_outputs(output_dir, votes, labels, indices, num_classes, partition, report_radii):
+    k = votes.shape[0]
+    prediction, size = dpa_certificate_batch(torch.from_numpy(votes.T.copy()), num_classes)
+    prediction, size = prediction.numpy(), size.numpy()
+    correct = prediction == labels
+    files = {"certificates": _write_csv(
+        output_dir / CERTIFICATES_CSV, ["index", "label", "prediction", "certified_size", "correct"],
+        zip(indices.tolist(), labels.tolist(), prediction.tolist(), size.tolist(), correct.astype(int).tolist()),
+    )}
+    grid = np.arange(0, int(size.max()) + 2)
+    fine = np.linspace(0.0, float(grid[-1]), 401)  # the certificate is a step function of the poisoning size
+    files.update(_curve(output_dir, grid, certified_accuracy(size, correct, grid), "poisoned_samples",
+                        f"DPA k={k}", DPA_XLABEL, f"DPA, k={k} partitions",
+                        plot_grid=(fine, certified_accuracy(size, correct, np.floor(fine)))))
+    sizes = np.bincount(partition.numpy(), minlength=k)
+    summary = {
+        "mode": "dpa", "num_partitions": k, "num_test_points": len(labels),
+        "partition_sizes": {"min": int(sizes.min()), "max": int(sizes.max())},
+        "certified_accuracy": {f"{int(s)}": float(np.mean(correct & (size >= s))) for s in report_radii},
+        "median_certified_size": median_certified_size(size, correct),
+        "smoothed_accuracy": float(np.mean(correct)),
+        "mean_model_accuracy": float(np.mean(votes == labels[None, :])),
+    }
+    files["summary"] = _write_summary(output_dir, summary)
+    return summary, files
+
+
+def plot_runs(run_dirs: Sequence[Union[str, os.PathLike]], path: Union[str, os.PathLike],
+              labels: Optional[Sequence[str]] = None, title: Optional[str] = None) -> Path:
+    """One certified-accuracy plot of several runs (e.g. a sigma grid), as Hong et al.'s Figure 1.
+
+    Args:
+        run_dirs: Output directories of :func:`run_certification`.
+        path: The PNG to write.
+        labels: One label per run (default: each run's sigma, or its directory name).
+        title: Optional title.
+
+    Raises:
+        ValueError: If a directory holds no ``certified_accuracy.csv`` or labels do not match.
+    """
+    if not run_dirs:
+        raise ValueError("run_dirs must name at least one certification output directory")
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(f"labels must give one label per run directory: {len(labels)} labels, {len(run_dirs)} dirs")
+    curves, xlabel = {}, "radius (l2, whole training set)"
+    for n, run in enumerate(run_dirs):
+        run = Path(run)
+        curve = run / CURVE_CSV
+        if not curve.exists():
+            raise ValueError(f"{run} holds no {CURVE_CSV}: is it a finished `lightning-defense certify` output_dir?")
+        with open(curve, newline="") as f:
+            rows = list(csv.reader(f))
+        header, values = rows[0], np.asarray(rows[1:], dtype=float)
+        summary = json.loads((run / SUMMARY_JSON).read_text()) if (run / SUMMARY_JSON).exists() else {}
+        if header[0] == "poisoned_samples":
+            xlabel = DPA_XLABEL
+        label = labels[n] if labels is not None else (
+            f"sigma={summary['sigma']:g}" if "sigma" in summary else run.name)
+        curves[label] = (values[:, 0], values[:, 1])
+    return plot_certified_accuracy(curves, path, title=title, xlabel=xlabel)

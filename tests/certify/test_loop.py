@@ -1,0 +1,258 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import beta, norm
+
+import lightning_defense.certify.loop as loop
+from lightning_defense.certify import TrainingOptions, dpa_certificate_batch, dpa_partition, run_certification
+from lightning_defense.certify._training import build_model, train_and_vote
+from lightning_defense.certify._votes import VoteStore
+from lightning_defense.cli import main
+from lightning_defense.datamodules import DigitsDataModule, GaussianNoiseDataModule
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = {"backbone": "small_cnn", "backbone_kwargs": {"width": 4}, "lr": 0.05, "crop_padding": 1, "flip": False}
+GAUSS = {"class_path": "lightning_defense.datamodules.GaussianNoiseDataModule", "init_args": {"sigma": 0.25}}
+TINY = TrainingOptions(max_epochs=1, limit_train_batches=2, accelerator="cpu")
+
+
+def tiny_run(out, batch_size=32, **kwargs):
+    args = dict(model=MODEL, smoothing=GAUSS, num_models=4, n0=1, num_test_points=30, training=TINY,
+                output_dir=out, progress_bar=False)
+    args.update(kwargs)
+    return run_certification(DigitsDataModule(image_size=8, batch_size=batch_size), **args)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoothing_end_to_end_on_digits(tmp_path):
+    result = tiny_run(tmp_path, training=TrainingOptions(max_epochs=2, accelerator="cpu", models_per_batch=2),
+                      num_test_points=60, batch_size=64, model={**MODEL, "lr": 0.1, "milestones": []})
+    assert result.complete and result.trained == [0, 1, 2, 3]
+    votes, labels = result.votes, np.array([int(r["label"]) for r in read_csv(tmp_path / "certificates.csv")])
+    assert votes.shape == (4, 60)
+    # the vmap-trained models are real classifiers: well above the 10% of chance on the digits
+    assert result.summary["mean_model_accuracy"] > 0.4
+    assert np.mean(votes == labels) == pytest.approx(result.summary["mean_model_accuracy"])
+
+    # CERTIFY recomputed independently: model 0 selects, models 1..3 estimate pA (scipy's beta quantile)
+    rows = read_csv(tmp_path / "certificates.csv")
+    assert list(rows[0]) == ["index", "label", "prediction", "pA", "radius", "correct"]
+    assert [int(r["index"]) for r in rows] == list(range(60))
+    for t, row in enumerate(rows):
+        c_hat = votes[0, t]
+        k = int(np.sum(votes[1:, t] == c_hat))
+        p_a = beta.ppf(0.001, k, 3 - k + 1) if k > 0 else 0.0
+        assert float(row["pA"]) == pytest.approx(p_a)
+        certified = p_a >= 0.5
+        assert int(row["prediction"]) == (c_hat if certified else -1)
+        assert float(row["radius"]) == pytest.approx(0.25 * norm.ppf(p_a) if certified else 0.0)
+        assert int(row["correct"]) == int(int(row["prediction"]) == int(row["label"]))
+
+    curve = read_csv(tmp_path / "certified_accuracy.csv")
+    radii = np.array([float(r["radius"]) for r in rows])
+    correct = np.array([int(r["correct"]) for r in rows], dtype=bool)
+    for point in curve[::40]:
+        r = float(point["radius"])
+        assert float(point["certified_accuracy"]) == pytest.approx(np.mean(correct & (radii >= r)))
+    assert (tmp_path / "certified_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n0"] == 1 and summary["n"] == 3 and summary["selection"] == "split"
+
+
+def test_selection_all_uses_every_model_for_both(tmp_path):
+    first = tiny_run(tmp_path)
+    again = tiny_run(tmp_path, selection="all")  # same votes (nothing retrained), other statistics
+    assert again.trained == [] and np.array_equal(first.votes, again.votes)
+    assert again.summary["n"] == 4 and again.summary["n0"] == 4
+    rows = read_csv(tmp_path / "certificates.csv")
+    for t, row in enumerate(rows):
+        counts = np.bincount(first.votes[:, t], minlength=10)
+        k = counts.max()
+        assert float(row["pA"]) == pytest.approx(beta.ppf(0.001, k, 4 - k + 1))
+
+
+def test_vmap_group_trains_the_same_models_as_one_at_a_time():
+    dm = DigitsDataModule(image_size=8, batch_size=32)
+    dm.setup("fit")
+    test_images = dm.test_set.tensors()[0][:50]
+    data = []
+    for i in (0, 1):
+        wrapper = GaussianNoiseDataModule(dm, sigma=0.25, seed=i)
+        wrapper.setup("fit")
+        data.append(wrapper.train_set.tensors())
+    kwargs = dict(seed=3, max_epochs=1, batch_size=32, limit_train_batches=4, device=torch.device("cpu"))
+    together = train_and_vote([build_model(MODEL, 10, 1, 3, i) for i in (0, 1)], [0, 1], data, test_images,
+                              use_vmap=True, **kwargs)
+    alone = torch.cat([train_and_vote([build_model(MODEL, 10, 1, 3, i)], [i], [data[i]], test_images,
+                                      use_vmap=False, **kwargs) for i in (0, 1)])
+    assert together.shape == (2, 50)
+    assert torch.equal(together, alone)
+    assert not torch.equal(alone[0], alone[1])  # different draws and seeds give different models
+
+
+def test_resume_after_interruption_retrains_nothing(tmp_path, monkeypatch):
+    partial = tiny_run(tmp_path, max_models=2)
+    assert not partial.complete and partial.trained == [0, 1] and partial.summary == {}
+    assert not (tmp_path / "certificates.csv").exists()
+    stamps = {i: os.stat(tmp_path / "votes" / f"model_{i:06d}.npy").st_mtime_ns for i in (0, 1)}
+
+    # a crash while training model 3: model 2's votes are kept, no temporary file is left behind
+    real, calls, crash_on = loop.train_and_vote, [], {3}
+
+    def crash_on_model_3(models, indices, *args, **kwargs):
+        calls.append(list(indices))
+        if crash_on & set(indices):
+            raise RuntimeError("simulated crash")
+        return real(models, indices, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_and_vote", crash_on_model_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tiny_run(tmp_path)
+    assert calls == [[2], [3]]
+    assert sorted(p.name for p in (tmp_path / "votes").iterdir()) == [
+        "key.json", "model_000000.npy", "model_000001.npy", "model_000002.npy"]
+
+    calls.clear()
+    crash_on.clear()
+    done = tiny_run(tmp_path)
+    assert done.complete and done.trained == [3] and calls == [[3]]
+    assert {i: os.stat(tmp_path / "votes" / f"model_{i:06d}.npy").st_mtime_ns for i in (0, 1)} == stamps
+    assert len(read_csv(tmp_path / "certificates.csv")) == 30
+
+    grown = tiny_run(tmp_path, num_models=5)  # a larger m reuses the models already trained
+    assert grown.trained == [4] and np.array_equal(grown.votes[:4], done.votes)
+
+    with pytest.raises(ValueError, match="different configuration.*training"):
+        tiny_run(tmp_path, training=TrainingOptions(max_epochs=2, limit_train_batches=2, accelerator="cpu"))
+
+
+def test_vote_store_rejects_bad_files(tmp_path):
+    store = VoteStore(tmp_path, {"a": 1}, num_test_points=3, num_classes=10)
+    store.save(0, np.array([1, 2, 3]))
+    np.save(store.path(1), np.array([1, 2, 30]))
+    with pytest.raises(ValueError, match=r"model 1 .*classes in \[0, 10\)"):
+        store.load([0, 1])
+    with pytest.raises(ValueError, match="3 integers"):
+        store.save(2, np.array([1, 2]))
+    with pytest.raises(FileNotFoundError, match="model 5"):
+        store.load([5])
+
+
+def test_dpa_end_to_end_on_digits(tmp_path):
+    result = tiny_run(tmp_path, mode="dpa", smoothing=None, num_models=3,
+                      training=TrainingOptions(max_epochs=1, limit_train_batches=2, accelerator="cpu", models_per_batch=2))
+    assert result.complete and result.votes.shape == (3, 30)
+    rows = read_csv(tmp_path / "certificates.csv")
+    assert list(rows[0]) == ["index", "label", "prediction", "certified_size", "correct"]
+    prediction, size = dpa_certificate_batch(torch.from_numpy(result.votes.T.copy()), 10)
+    assert [int(r["prediction"]) for r in rows] == prediction.tolist()
+    assert [int(r["certified_size"]) for r in rows] == size.tolist()
+    dm = DigitsDataModule(image_size=8)
+    dm.setup("fit")
+    sizes = torch.bincount(dpa_partition(dm.train_set.tensors()[0], 3), minlength=3)
+    assert result.summary["partition_sizes"] == {"min": int(sizes.min()), "max": int(sizes.max())}
+    correct = np.array([int(r["correct"]) for r in rows], dtype=bool)
+    marked = np.sort(np.where(correct, size.numpy(), -1))
+    assert result.summary["median_certified_size"] == marked[len(marked) // 2]
+    assert read_csv(tmp_path / "certified_accuracy.csv")[0].keys() == {"poisoned_samples", "certified_accuracy"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n0=4), "n0 must be < num_models"),
+        (dict(selection="first"), "selection must be one of"),
+        (dict(mode="bagging"), "mode must be one of"),
+        (dict(smoothing={"class_path": "no_such_module.Noise"}), "smoothing.class_path 'no_such_module.Noise' cannot be imported"),
+        (dict(smoothing={"class_path": "lightning_defense.datamodules.Nope"}), "has no class 'Nope'"),
+        (dict(smoothing={"class_path": "lightning_defense.models.ImageClassifier"}), "not a LightningDataModule"),
+        (dict(smoothing={"class_path": "lightning_defense.datamodules.DigitsDataModule"}), "must accept base="),
+        (dict(smoothing={"class_path": "GaussianNoiseDataModule", "init_args": {"seed": 3, "sigma": 0.5}}),
+         "must not set 'seed'"),
+        (dict(smoothing={"class_path": "GaussianNoiseDataModule", "init_args": {"sigma": 0.5, "eps": 1}}),
+         r"\['eps'\] are not arguments of GaussianNoiseDataModule"),
+        (dict(smoothing={"class_path": "GaussianNoiseDataModule"}), "sigma is needed"),
+        (dict(smoothing=GAUSS, sigma=0.5), "disagrees"),
+        (dict(mode="dpa"), "set smoothing to null"),
+        (dict(num_test_points=5, test_indices=[1, 2]), "not both"),
+        (dict(training=TrainingOptions(models_per_batch=0)), "models_per_batch must be an integer >= 1"),
+        (dict(model={**MODEL, "num_classes": 3}), "model.num_classes comes from the datamodule"),
+    ],
+)
+def test_argument_errors(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_run(tmp_path, **kwargs)
+
+
+def test_bad_test_indices(tmp_path):
+    with pytest.raises(ValueError, match=r"test_indices must be distinct indices in \[0, 359\)"):
+        tiny_run(tmp_path, num_test_points=None, test_indices=[0, 400])
+
+
+CLI_TINY = [
+    "--num_models=3", "--n0=1", "--num_test_points=20", "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+    "--data.init_args.image_size=8", "--model.backbone_kwargs={width: 4}", "--progress_bar=false",
+]
+
+
+def test_cli_sigma_grid_and_certify_plot(tmp_path, capsys):
+    config = ROOT / "configs" / "digits" / "certify.yaml"
+    main(["certify", "--config", str(config), *CLI_TINY, f"--output_dir={tmp_path}", "--sigmas=[0.25, 0.5]",
+          "--trainer.models_per_batch=3"])
+    out = capsys.readouterr().out
+    assert "[sigma=0.25]" in out and "[sigma=0.5]" in out and "certified accuracy at radius 0:" in out
+    for s in ("0.25", "0.5"):
+        summary = json.loads((tmp_path / f"sigma_{s}" / "summary.json").read_text())
+        assert summary["sigma"] == float(s) and summary["num_models"] == 3
+    assert (tmp_path / "certified_accuracy.png").exists()
+
+    main(["certify-plot", str(tmp_path / "sigma_0.25"), str(tmp_path / "sigma_0.5"), "--output", str(tmp_path / "both.png")])
+    assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="holds no certified_accuracy.csv"):
+        main(["certify-plot", str(tmp_path), "--output", str(tmp_path / "x.png")])
+
+
+def test_cli_bad_wrapper_class_path_is_a_clear_error(tmp_path, capsys):
+    config = ROOT / "configs" / "digits" / "certify.yaml"
+    with pytest.raises(SystemExit):
+        main(["certify", "--config", str(config), *CLI_TINY, f"--output_dir={tmp_path}",
+              "--smoothing={class_path: my.Purifier, init_args: {sigma: 0.25}}"])
+    assert "my.Purifier" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="n0 must be < num_models"):
+        main(["certify", "--config", str(config), *CLI_TINY, f"--output_dir={tmp_path}", "--n0=3"])
+
+
+def test_two_process_cpu_ddp_gives_the_same_votes(tmp_path):
+    config = ROOT / "configs" / "digits" / "certify.yaml"
+    # 5 models: with 2 processes x 2 models per batch, the last round leaves rank 1 idle
+    common = [*CLI_TINY, "--num_models=5", "--trainer.limit_train_batches=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["certify", "--config", str(config), *common, f"--output_dir={tmp_path / 'one'}",
+              "--trainer.models_per_batch=1"])
+    finally:
+        torch.set_num_threads(torch_threads)
+    cmd = [sys.executable, "-m", "lightning_defense.cli", "certify", "--config", str(config), *common,
+           f"--output_dir={tmp_path / 'two'}", "--trainer.devices=2", "--trainer.models_per_batch=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
+    assert proc.stdout.count("certify: sigma=0.25") == 1  # only rank 0 reports
+    for i in range(5):
+        one = np.load(tmp_path / "one" / "votes" / f"model_{i:06d}.npy")
+        two = np.load(tmp_path / "two" / "votes" / f"model_{i:06d}.npy")
+        assert np.array_equal(one, two), f"model {i} voted differently on 1 and 2 processes"
+    assert (tmp_path / "one" / "certificates.csv").read_text() == (tmp_path / "two" / "certificates.csv").read_text()
