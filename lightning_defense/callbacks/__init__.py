@@ -7,5 +7,16 @@ and works under DDP.
 
 from lightning_defense.callbacks.adversarial_training import AdversarialTraining, pgd_attack
 from lightning_defense.callbacks.dp_sgd import DPSGD
+from lightning_defense.callbacks.friends_noise import FriendsNoise, generate_friendly_noise
+from lightning_defense.callbacks.pretrained_init import PretrainedInit
+from lightning_defense.callbacks.warm_start import WarmStart
 
-__all__ = ["AdversarialTraining", "DPSGD", "pgd_attack"]
+__all__ = [
+    "AdversarialTraining",
+    "DPSGD",
+    "FriendsNoise",
+    "PretrainedInit",
+    "WarmStart",
+    "generate_friendly_noise",
+    "pgd_attack",
+]
