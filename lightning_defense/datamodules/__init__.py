@@ -6,6 +6,7 @@ Every datamodule yields ``(images in [0,1], labels, indices)``; see :mod:`lightn
 from lightning_defense.datamodules._base import IndexedDataset, ImageDataModule, dataset_tensors, unpack_batch
 from lightning_defense.datamodules.cifar10 import CIFAR10DataModule, read_cifar10
 from lightning_defense.datamodules.deep_knn import DeepKNNFilterDataModule
+from lightning_defense.datamodules.diffusion_purified import DiffusionPurifiedDataModule
 from lightning_defense.datamodules.digits import DigitsDataModule, load_digits_tensors
 from lightning_defense.datamodules.image_folder import ImageFolderDataModule
 from lightning_defense.datamodules.importers import (
@@ -23,6 +24,7 @@ from lightning_defense.datamodules.wrapper import TrainSplitWrapper
 __all__ = [
     "CIFAR10DataModule",
     "DeepKNNFilterDataModule",
+    "DiffusionPurifiedDataModule",
     "DigitsDataModule",
     "GaussianNoiseDataModule",
     "ImageDataModule",

@@ -1,0 +1,264 @@
+"""Diffusion-denoising purification of a training split (Hong, Carlini & Kurakin), cached offline.
+
+Every training image gets Gaussian noise of std ``sigma`` ([0, 1] pixel units) and is denoised by a DDPM
+in one step (or a reverse process of ``steps`` model calls); a classifier then trains on the result.
+One noise draw (``seed``) is one purified set; the certification loop trains one model per seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import Dataset
+
+from lightning_defense._registry import register_command
+from lightning_defense.datamodules._base import dataset_tensors
+from lightning_defense.datamodules._cache import (
+    STORAGE_DTYPES,
+    CachedImageDataset,
+    ChunkCache,
+    fill_cache,
+    fingerprint,
+    to_storage,
+)
+from lightning_defense.datamodules.wrapper import TrainSplitWrapper
+from lightning_defense.diffusion.denoise import noise_and_denoise, sigma_at_timestep, timestep_for_sigma
+from lightning_defense.diffusion.denoiser import Denoiser, load_denoiser
+
+#: Bump when a change to the purification code changes its output: old caches are then not reused.
+CODE_VERSION = "diffusion-purify-1"
+
+
+class DiffusionPurifiedDataModule(TrainSplitWrapper):
+    """``base`` with its training split noised and denoised by a DDPM, once, offline; val/test untouched.
+
+    Pseudocode 1 of Hong et al.: t* = GETTIMESTEP(sigma); each training image x becomes
+    ``x0_hat(sqrt(abar_t*) * (2x - 1 + 2 * sigma * eps))`` in [0, 1], with eps keyed by
+    ``(seed, sample index)``. The result is cached under a key made from the training images, the
+    denoiser's weights and schedule, sigma, t*, seed, steps, the storage format and the code version:
+    a finished cache is reused, an interrupted one resumes, and under DDP the chunks are shared out over
+    the ranks (rank 0 writes).
+
+    Args:
+        base: The (possibly poisoned) datamodule to purify.
+        denoiser: A diffusers-format directory or hub id (:func:`load_denoiser`), or a :class:`Denoiser`.
+        sigma: Noise std in [0, 1] pixel units (the paper uses 0.1, 0.25, 0.5, 1.0). Leave None and give
+            ``timestep`` to start from a fixed timestep instead (ECLIPSE's t* = 100).
+        seed: The noise draw; model i of a certification run uses seed i.
+        steps: Denoiser calls: 1 = single-step denoising (the paper), more = reverse process from t*.
+        timestep: Start at this timestep instead of deriving it from ``sigma``.
+        batch_size: Images per denoiser call (the training loader keeps ``base``'s batch size).
+        chunk_size: Images per cache file (a multiple of ``batch_size`` keeps batches whole).
+        cache_dir: Root directory of the caches.
+        storage: ``uint8`` (4x smaller, 1/255 rounding) or ``float16``.
+        device: ``auto`` (the Lightning rank's GPU if there is one, else CPU), ``cpu`` or ``cuda[:i]``.
+        progress: Show a progress bar (rank 0).
+
+    Raises:
+        ValueError: sigma/timestep/steps/batch_size/storage out of range.
+
+    Example::
+
+        dm = DiffusionPurifiedDataModule(DigitsDataModule(), "lightning_defense/assets/digits_ddpm", sigma=0.25)
+        dm.prepare_data(); dm.setup("fit")
+    """
+
+    def __init__(
+        self,
+        base: L.LightningDataModule,
+        denoiser: Union[str, Denoiser] = "google/ddpm-cifar10-32",
+        sigma: Optional[float] = 0.25,
+        seed: int = 0,
+        steps: int = 1,
+        timestep: Optional[int] = None,
+        batch_size: int = 256,
+        chunk_size: int = 4096,
+        cache_dir: str = "runs/cache/purified",
+        storage: str = "uint8",
+        device: str = "auto",
+        progress: bool = True,
+    ) -> None:
+        super().__init__(base)
+        if (sigma is None) == (timestep is None):
+            raise ValueError(f"give exactly one of sigma and timestep; got sigma={sigma}, timestep={timestep}")
+        if sigma is not None and not sigma > 0:
+            raise ValueError(f"sigma must be > 0 (noise std in [0,1] pixel units); got {sigma}")
+        if timestep is not None and timestep < 0:
+            raise ValueError(f"timestep must be >= 0; got {timestep}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1 (1 = single-step denoising); got {steps}")
+        if batch_size < 1 or chunk_size < 1:
+            raise ValueError(f"batch_size and chunk_size must be >= 1; got {batch_size}, {chunk_size}")
+        if storage not in STORAGE_DTYPES:
+            raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}; got {storage!r}")
+        if device != "auto" and not device.startswith(("cpu", "cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]'; got {device!r}")
+        self.denoiser_source = denoiser
+        self.sigma = None if sigma is None else float(sigma)
+        self.noise_seed = int(seed)
+        self.steps = int(steps)
+        self.timestep = timestep
+        self.purify_batch_size = int(batch_size)
+        self.chunk_size = int(chunk_size)
+        self.cache_dir = Path(cache_dir)
+        self.storage = storage
+        self.device = device
+        self.progress = progress
+        self.cache: Optional[ChunkCache] = None
+        self._denoiser: Optional[Denoiser] = None
+
+    # -- Lightning hooks ---------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Purify in this process when not distributed; under DDP the ranks share the work in setup()."""
+        super().prepare_data()
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            self.purify()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.base.setup(stage)
+        if self.train_set is None:
+            self.purify()  # a no-op when prepare_data (or an earlier run) finished the cache
+        super().setup(stage)
+
+    def wrap_train(self, train_set: Dataset) -> Dataset:
+        _, labels = dataset_tensors(train_set)
+        return CachedImageDataset(self.cache.load(), labels)
+
+    # -- the purification job ----------------------------------------------------------------------
+    def get_denoiser(self) -> Denoiser:
+        """The denoiser, loaded once."""
+        if self._denoiser is None:
+            self._denoiser = load_denoiser(self.denoiser_source)
+        return self._denoiser
+
+    def purify(self) -> ChunkCache:
+        """Make sure the cache for the current inputs exists (compute what is missing); return it."""
+        images = self._train_images()
+        cache = self.cache_for(images)
+        if not cache.is_complete():
+            device = self._device()
+            model = self.get_denoiser().to(device)
+            t_star, sigma = cache.meta["t_star"], cache.meta["sigma"]
+            rank_zero_info(f"purifying {len(images)} training images into {cache.directory} on {device}")
+
+            def compute(start: int, stop: int) -> np.ndarray:
+                return self.purify_range(model, images, start, stop, t_star, sigma, device)
+
+            fill_cache(cache, compute, desc=f"diffusion denoising sigma={sigma:g} seed={self.noise_seed}",
+                       progress=self.progress)
+        self.cache = cache
+        return cache
+
+    def cache_for(self, images: Optional[torch.Tensor] = None) -> ChunkCache:
+        """The cache of these training images (default: ``base``'s) under the current settings; computes nothing.
+
+        Its key hashes the code version, the images, the denoiser's weights and schedule, sigma, t*, the
+        seed, the number of steps, the storage format and the chunk size.
+        """
+        images = self._train_images() if images is None else images
+        denoiser = self.get_denoiser()
+        self._check_images(images, denoiser)
+        t_star, sigma = self.noise_level(denoiser)
+        key = fingerprint(
+            CODE_VERSION, images, denoiser.fingerprint(), sigma, t_star, self.noise_seed, self.steps,
+            self.storage, self.chunk_size,
+        )
+        meta = {
+            "code_version": CODE_VERSION, "denoiser": str(denoiser.source), "sigma": sigma, "t_star": t_star,
+            "seed": self.noise_seed, "steps": self.steps, "key": key,
+        }
+        return ChunkCache(
+            self.cache_dir / f"diffusion-{key[:20]}", len(images), tuple(images.shape[1:]), self.storage,
+            self.chunk_size, meta,
+        )
+
+    def _train_images(self) -> torch.Tensor:
+        self.base.setup("fit")
+        return dataset_tensors(self.base.train_set)[0]
+
+    def purify_range(self, model: Denoiser, images, start: int, stop: int, t_star: int, sigma: float, device) -> np.ndarray:
+        """Purify samples ``[start, stop)`` batch by batch, under inference mode; return their stored form."""
+        out = []
+        with torch.inference_mode():
+            for first in range(start, stop, self.purify_batch_size):
+                last = min(first + self.purify_batch_size, stop)
+                batch = images[first:last].to(device, non_blocking=True)
+                purified = noise_and_denoise(
+                    model, batch, torch.arange(first, last), model.alphas_cumprod, t_star, sigma,
+                    self.noise_seed, self.steps, model.variance_type,
+                )
+                out.append(to_storage(purified, self.storage))
+        return np.concatenate(out)
+
+    def noise_level(self, denoiser: Denoiser) -> tuple[int, float]:
+        """``(t*, sigma)``: from ``sigma`` by GETTIMESTEP, or from a fixed ``timestep``."""
+        if self.timestep is not None:
+            return int(self.timestep), sigma_at_timestep(denoiser.alphas_cumprod, int(self.timestep))
+        return timestep_for_sigma(denoiser.alphas_cumprod, self.sigma), self.sigma
+
+    def _check_images(self, images: torch.Tensor, denoiser: Denoiser) -> None:
+        low, high = float(images.min()), float(images.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"{type(self.base).__name__}'s training images must be in [0, 1] (the denoiser maps them to "
+                f"[-1, 1]); got values in [{low:.3g}, {high:.3g}]. Do not normalise in the datamodule."
+            )
+        if images.shape[1] != denoiser.in_channels:
+            raise ValueError(
+                f"the denoiser {denoiser.source} takes {denoiser.in_channels}-channel images; the training "
+                f"images have {images.shape[1]} channels (e.g. set num_channels={denoiser.in_channels})"
+            )
+        size = denoiser.sample_size
+        if size is not None and tuple(images.shape[2:]) != (size, size):
+            raise ValueError(
+                f"the denoiser {denoiser.source} was trained on {size}x{size} images; the training images are "
+                f"{images.shape[2]}x{images.shape[3]} (e.g. set image_size={size})"
+            )
+
+    def _device(self) -> torch.device:
+        if self.device != "auto":
+            return torch.device(self.device)
+        if torch.cuda.is_available():
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and getattr(trainer, "strategy", None) is not None:
+                root = trainer.strategy.root_device
+                if root.type == "cuda":
+                    return root
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+@register_command("purify")
+def run_purify(argv: list[str]) -> None:
+    """``lightning-defense purify --config cfg.yaml``: run the purification job of a config's ``data``.
+
+    The config is the one ``fit`` takes (its ``model`` and ``trainer`` sections are ignored); ``data`` must be
+    a :class:`DiffusionPurifiedDataModule`. Under ``torchrun`` the work is sharded over the processes.
+    Prints the cache directory.
+    """
+    import os
+
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="lightning-defense purify", description=run_purify.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_subclass_arguments(DiffusionPurifiedDataModule, "data", required=True)
+    parser.add_argument("--model", type=dict, default={}, help="ignored (so that fit configs work)")
+    parser.add_argument("--trainer", type=dict, default={}, help="ignored (so that fit configs work)")
+    parser.add_argument("--seed_everything", type=Optional[int], default=None, help="ignored")
+    parser.add_argument("--test_after_fit", type=bool, default=False, help="ignored")
+    config = parser.parse_args(argv)
+    datamodule = parser.instantiate_classes(config).data
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    cache = datamodule.purify()
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"purified training set: {cache.directory}")

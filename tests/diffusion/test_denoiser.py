@@ -1,0 +1,51 @@
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from lightning_defense.diffusion.denoiser import Denoiser, load_denoiser
+from tests.diffusion._tiny import save_tiny_ddpm, tiny_unet
+
+
+def test_loads_a_pipeline_directory_and_a_flat_one_identically(tmp_path):
+    pipeline_dir = save_tiny_ddpm(tmp_path / "pipeline")
+    assert (tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    denoiser = load_denoiser(pipeline_dir)
+    flat = tmp_path / "flat"
+    denoiser.unet.save_pretrained(flat, safe_serialization=True)
+    denoiser.scheduler.save_pretrained(flat)
+    again = load_denoiser(str(flat))
+    assert again.fingerprint() == denoiser.fingerprint()
+    assert len(denoiser.alphas_cumprod) == 100 and denoiser.in_channels == 1 and denoiser.sample_size == 8
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(denoiser(x, torch.tensor([3, 4])), again(x, torch.tensor([3, 4])))
+
+
+def test_fingerprint_changes_with_any_weight():
+    a = Denoiser(tiny_unet(seed=0), DDPMScheduler(100))
+    b = Denoiser(tiny_unet(seed=0), DDPMScheduler(100))
+    assert a.fingerprint() == b.fingerprint()
+    with torch.no_grad():
+        next(b.unet.parameters()).view(-1)[0] += 1e-6
+    assert a.fingerprint() != b.fingerprint()
+    assert a.fingerprint() != Denoiser(tiny_unet(seed=0), DDPMScheduler(200)).fingerprint()
+
+
+def test_missing_directory_names_what_to_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"does-not-exist.*does not exist.*google/ddpm-cifar10-32"):
+        load_denoiser(str(tmp_path / "does-not-exist"))
+
+
+def test_directory_without_safetensors_is_refused(tmp_path):
+    denoiser = load_denoiser(save_tiny_ddpm(tmp_path / "m"))
+    pickled = tmp_path / "pickled"
+    denoiser.unet.save_pretrained(pickled, safe_serialization=False)  # diffusion_pytorch_model.bin only
+    denoiser.scheduler.save_pretrained(pickled)
+    with pytest.raises(FileNotFoundError, match=r"(?s)could not load a diffusers DDPM.*safetensors only"):
+        load_denoiser(str(pickled))
+
+
+def test_inconsistent_models_are_refused():
+    with pytest.raises(ValueError, match="prediction_type must be 'epsilon'"):
+        Denoiser(tiny_unet(), DDPMScheduler(100, prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="'learned_range' UNet with 1 input channels needs 2 output channels"):
+        Denoiser(tiny_unet(), DDPMScheduler(100, variance_type="learned_range"))
