@@ -11,6 +11,7 @@ from typing import Callable
 COMMANDS: dict[str, Callable[[list[str]], None]] = {}
 COMMAND_MODULES = [
     # Modules imported lazily so that their commands register; later features append here.
+    "lightning_defense.attacks._commands",
     "lightning_defense.datamodules.diffusion_purified",
     "lightning_defense.diffusion.training",
     "lightning_defense.certify._cli",

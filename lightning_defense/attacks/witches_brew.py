@@ -1,0 +1,162 @@
+"""Witches' Brew: targeted clean-label poisoning by gradient matching (Geiping et al., ICLR 2021).
+
+The attacker trains a surrogate on clean data, then perturbs ``budget * N`` images of the adversarial class
+so that the training gradient of the poisons points where the adversarial loss of the target descends:
+
+    minimise over delta   1 - cos( grad_theta L(f(x_p + delta), y_p),  grad_theta L(f(x_t), y_adv) )
+
+with signed Adam (the sign of the gradient, then Adam), x0.1 learning-rate steps at 3/8, 5/8 and 7/8 of
+the steps, differentiable crop/flip augmentation of the poisons, ``restarts`` random starts (the lowest
+final alignment loss wins), and projection onto the eps-ball and the [0, 1] box after every step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_defense.attacks._common import (
+    Attack,
+    AttackGoal,
+    budget_count,
+    budget_indices,
+    check_split,
+    poison_set,
+    project,
+    require_goal,
+    train_surrogate,
+)
+from lightning_defense.datamodules.poison import PoisonSet
+from lightning_defense.models.augment import random_crop_flip
+
+
+class GradientMatchingAttack(Attack):
+    """Shared machinery of Witches' Brew and Sleeper Agent: surrogate, signed Adam, restarts.
+
+    Args:
+        eps: Bound in [0, 1] pixel units (the papers: 16/255 in l_inf).
+        norm: ``"linf"`` or ``"l2"``.
+        budget: Fraction of the training set poisoned (the papers: 1%), all from one class.
+        steps: Signed-Adam steps per restart (Geiping's toolkit: 250).
+        restarts: Random restarts (the toolkit: 8); the one with the best final alignment is kept.
+        lr: Adam step as a fraction of ``eps`` (the toolkit's tau = 0.1).
+        augment: Differentiable random crop/flip of the poisons while crafting.
+        crop_padding: Crop padding of that augmentation (and of the surrogate's training).
+        flip: Horizontal flips (off for digits).
+        backbone: Surrogate architecture (an :class:`ImageClassifier` backbone name).
+        backbone_kwargs: Extra backbone arguments, e.g. ``{"width": 16}``.
+        surrogate_epochs: Epochs of clean training of the surrogate.
+        surrogate_lr: Its SGD learning rate.
+        batch_size: Poisons per gradient-matching batch (the poison gradient is summed over batches).
+        progress: Show a progress bar.
+
+    Raises:
+        ValueError: On a bad argument, naming it.
+    """
+
+    def __init__(self, eps: float = 16 / 255, norm: str = "linf", budget: float = 0.01, steps: int = 250,
+                 restarts: int = 8, lr: float = 0.1, augment: bool = True, crop_padding: int = 2, flip: bool = False,
+                 backbone: str = "small_cnn", backbone_kwargs: Optional[dict] = None, surrogate_epochs: int = 10,
+                 surrogate_lr: float = 0.05, batch_size: int = 128, progress: bool = True) -> None:
+        super().__init__(eps, norm, budget, progress)
+        for name, value in (("steps", steps), ("restarts", restarts), ("surrogate_epochs", surrogate_epochs),
+                            ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+        if not lr > 0:
+            raise ValueError(f"lr (a fraction of eps) must be > 0; got {lr!r}")
+        self.steps, self.restarts, self.lr = steps, restarts, lr
+        self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
+        self.backbone, self.backbone_kwargs = backbone, backbone_kwargs
+        self.surrogate_epochs, self.surrogate_lr, self.batch_size = surrogate_epochs, surrogate_lr, batch_size
+
+    def surrogate(self, images: Tensor, labels: Tensor, seed: int):
+        """The attacker's model, trained on ``(images, labels)``."""
+        return train_surrogate(images, labels, backbone=self.backbone, backbone_kwargs=self.backbone_kwargs,
+                               epochs=self.surrogate_epochs, lr=self.surrogate_lr, crop_padding=self.crop_padding,
+                               flip=self.flip, seed=seed, progress=self.progress, desc=f"{self.name}: surrogate")
+
+    def match(self, model, clean: Tensor, labels: Tensor, target_grad: list[Tensor], generator: torch.Generator,
+              desc: str) -> tuple[Tensor, float]:
+        """Optimise delta for ``clean`` poisons to align their gradient with ``target_grad``; best of restarts."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        target_norm = torch.sqrt(sum((g * g).sum() for g in target_grad))
+        best, best_loss = None, float("inf")
+        with self._bar(self.restarts * self.steps, desc) as bar:
+            for _ in range(self.restarts):
+                delta = project((torch.rand(clean.shape, generator=generator) * 2 - 1) * self.eps, clean, self.eps, self.norm)
+                delta.requires_grad_(True)
+                optimizer = torch.optim.Adam([delta], lr=self.lr * self.eps)
+                milestones = [round(self.steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+                scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
+                for _ in range(self.steps):
+                    loss = self._alignment_loss(model, params, clean, delta, labels, target_grad, target_norm,
+                                                generator if self.augment else None)
+                    (grad,) = torch.autograd.grad(loss, delta)
+                    delta.grad = grad.sign()
+                    optimizer.step()
+                    scheduler.step()
+                    with torch.no_grad():
+                        delta.copy_(project(delta, clean, self.eps, self.norm))
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                final = self._alignment_loss(model, params, clean, delta, labels, target_grad, target_norm, None).item()
+                if final < best_loss:
+                    best, best_loss = delta.detach().clone(), final
+        return best, best_loss
+
+    def _alignment_loss(self, model, params, clean, delta, labels, target_grad, target_norm, generator) -> Tensor:
+        """1 - cosine similarity of the poison-batch gradient and the target gradient (summed over batches)."""
+        grads = None
+        for start in range(0, len(clean), self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            x = clean[rows] + delta[rows]
+            if generator is not None:
+                x = random_crop_flip(x, self.crop_padding, self.flip, generator=generator)
+            loss = F.cross_entropy(model(x), labels[rows], reduction="sum") / len(clean)
+            batch_grads = torch.autograd.grad(loss, params, create_graph=True)
+            grads = list(batch_grads) if grads is None else [a + b for a, b in zip(grads, batch_grads)]
+        dot = sum((g * t).sum() for g, t in zip(grads, target_grad))
+        poison_norm = torch.sqrt(sum((g * g).sum() for g in grads))
+        return 1 - dot / (poison_norm * target_norm + 1e-12)
+
+
+class WitchesBrew(GradientMatchingAttack):
+    """Witches' Brew (Geiping et al. 2021): make the victim classify ``goal.target_image`` as ``goal.adversarial_label``.
+
+    The poisons are ``budget * N`` training images of the adversarial class. See
+    :class:`GradientMatchingAttack` for the arguments.
+
+    Example::
+
+        attack = WitchesBrew(eps=16 / 255, budget=0.01, steps=250, restarts=8)
+        goal = attack.sample_goal(test_images, test_labels, num_classes=10, seed=0)
+        poisons = attack.craft(train_images, train_labels, goal=goal, seed=0)
+    """
+
+    kind = "targeted"
+    name = "witches_brew"
+
+    def craft(self, images: Tensor, labels: Tensor, *, goal: Optional[AttackGoal] = None, seed: int = 0) -> PoisonSet:
+        check_split(images, labels)
+        goal = require_goal(self, goal, "target_image", "adversarial_label")
+        generator = torch.Generator().manual_seed(int(seed))
+        candidates = (labels == goal.adversarial_label).nonzero().flatten()
+        indices = budget_indices(candidates, budget_count(self.budget, len(images)), generator,
+                                 f"training images of the adversarial class {goal.adversarial_label}")
+        model = self.surrogate(images, labels, seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        target = goal.target_image[None].float()
+        adversarial = torch.tensor([goal.adversarial_label])
+        target_grad = [g.detach() for g in torch.autograd.grad(F.cross_entropy(model(target), adversarial), params)]
+        clean = images[indices].float()
+        delta, loss = self.match(model, clean, labels[indices], target_grad, generator, "gradient matching")
+        return poison_set(
+            indices, clean + delta, labels[indices], self,
+            target_images=target, target_labels=torch.tensor([int(goal.target_label if goal.target_label is not None else -1)]),
+            adversarial_labels=adversarial,
+            metadata=self._metadata(seed, alignment_loss=f"{loss:.4f}", target_index=goal.target_index),
+        )

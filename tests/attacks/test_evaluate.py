@@ -1,0 +1,164 @@
+"""The evaluation harness and the ``poison`` / ``evaluate`` commands, on tiny settings."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_defense.attacks import EvaluationConfig, evaluate
+from lightning_defense.attacks import evaluation as evaluate_module
+from lightning_defense.attacks.evaluation import Evaluation
+from lightning_defense.cli import main
+from lightning_defense.datamodules import DigitsDataModule, PoisonSet
+
+DATA = {"class_path": "lightning_defense.datamodules.DigitsDataModule",
+        "init_args": {"image_size": 8, "batch_size": 128, "val_fraction": 0.1, "test_fraction": 0.2}}
+URP = {"name": "urp", "class_path": "lightning_defense.attacks.UniversalRandomPerturbation",
+       "init_args": {"eps": 0.1}}
+WB = {"name": "wb", "class_path": "lightning_defense.attacks.WitchesBrew",
+      "init_args": {"eps": 0.1, "budget": 0.01, "steps": 2, "restarts": 1, "surrogate_epochs": 1,
+                    "backbone_kwargs": {"width": 4}, "progress": False}}
+GAUSS = {"name": "gauss", "wrapper": {"class_path": "lightning_defense.datamodules.GaussianNoiseDataModule",
+                                      "init_args": {"sigma": 0.1}}}
+
+
+def tiny_config(tmp_path, **overrides):
+    settings = dict(
+        data=DATA, attacks=[URP, WB], defenses=[GAUSS], trials=2, seed=0, output_dir=str(tmp_path / "eval"),
+        model={"backbone": "small_cnn", "backbone_kwargs": {"width": 4}, "lr": 0.05, "crop_padding": 1, "flip": False},
+        trainer={"accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 0,
+                 "limit_test_batches": 1},
+        progress=False,
+    )
+    settings.update(overrides)
+    return EvaluationConfig(**settings)
+
+
+def test_evaluate_writes_tables_and_resumes(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path)
+    out = Path(config.output_dir)
+    # Crash on the 7th victim: the first six results must already be on disk.
+    real, calls = evaluate_module.train_victim, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "train_victim", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(config)
+    assert len(list(out.glob("trials/*/*/*.json"))) == 6
+    monkeypatch.setattr(evaluate_module, "train_victim", real)
+
+    evaluation = Evaluation(config)
+    records = evaluation.run()
+    # 2 trials x (clean + 2 attacks) x (none + gauss) = 12 victims; 6 were done before the crash.
+    assert len(records) == 12 and evaluation.executed == 6
+    again = Evaluation(config)
+    assert again.run() == records and again.executed == 0  # a finished run is all resumed
+
+    summary, table = evaluate(config)
+    assert (out / "table.md").read_text().startswith("| attack | kind | none | gauss |")
+    assert "| wb | targeted | (" in table and "| urp | indiscriminate | (" in table
+    cells = {(s["attack"], s["defense"]): s for s in summary}
+    assert cells[("wb", "none")]["trials"] == 2
+    wb = [r for r in records if r["attack"] == "wb"]
+    assert all(r["success"] in (0.0, 1.0) for r in wb)
+    urp = [r for r in records if r["attack"] == "urp" and r["defense"] == "none"]
+    clean = {r["trial"]: r["accuracy"] for r in records if r["attack"] == "clean" and r["defense"] == "none"}
+    assert all(r["success"] == pytest.approx(clean[r["trial"]] - r["accuracy"]) for r in urp)
+    assert json.loads((out / "table.json").read_text()) == summary
+    assert (out / "table.csv").read_text().splitlines()[0].startswith("attack,defense,kind,trials")
+    # Trials draw different targets; poisons are cached per trial.
+    targets = {r["trial"]: (r["target_label"], r["adversarial_label"]) for r in wb if r["defense"] == "none"}
+    assert len(list(out.glob("poisons/wb/*.safetensors"))) == 2
+    assert set(targets) == {0, 1}
+
+    # Changing a setting that determines the results invalidates them (the key covers it).
+    changed = Evaluation(tiny_config(tmp_path, trials=1, defenses=[], attacks=[URP],
+                                     trainer={**config.trainer, "max_epochs": 2}))
+    changed.run()
+    assert changed.executed == 2
+
+
+def test_evaluate_a_given_poison_file(tmp_path):
+    dm = DigitsDataModule(**DATA["init_args"])
+    dm.setup()
+    x, y = dm.train_tensors()
+    path = tmp_path / "given.npz"
+    idx = torch.arange(10)
+    PoisonSet(idx, (x[idx] + 0.05).clamp(0, 1), y[idx], "linf", 0.05, kind="indiscriminate").save(path)
+    config = tiny_config(tmp_path, attacks=[], defenses=[], trials=1, poison=str(path))
+    summary, table = evaluate(config)
+    assert {s["attack"] for s in summary} == {"clean", "given"}
+    assert "| given | indiscriminate |" in table
+
+
+def test_configuration_errors(tmp_path):
+    with pytest.raises(ValueError, match="trials must be an int >= 1; got 0"):
+        tiny_config(tmp_path, trials=0)
+    with pytest.raises(ValueError, match="attacks is empty"):
+        tiny_config(tmp_path, attacks=[])
+    with pytest.raises(ValueError, match="defense names must be unique and not 'none'"):
+        tiny_config(tmp_path, defenses=[{"name": "none"}])
+    with pytest.raises(ValueError, match=r"defenses\[0\] needs a non-empty 'name'"):
+        Evaluation(tiny_config(tmp_path, defenses=[{"callbacks": []}]))
+    with pytest.raises(ValueError, match=r"unknown keys \['wraper'\]"):
+        Evaluation(tiny_config(tmp_path, defenses=[{"name": "x", "wraper": {}}]))
+    with pytest.raises(ValueError, match="cannot import class_path 'lightning_defense.attacks.Nope'"):
+        Evaluation(tiny_config(tmp_path, attacks=[{"name": "a", "class_path": "lightning_defense.attacks.Nope"}]))
+    with pytest.raises(ValueError, match="is not a lightning_defense Attack"):
+        Evaluation(tiny_config(tmp_path, attacks=[{"name": "a", "class_path": "lightning_defense.attacks.AttackSuccessRate"}]))
+
+
+def test_poison_command_is_seeded_and_reproducible(tmp_path, capsys):
+    config = tmp_path / "poison.yaml"
+    config.write_text(yaml.safe_dump({"data": DATA, "attack": {k: v for k, v in WB.items() if k != "name"}, "seed": 3}))
+    outputs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for output in outputs:
+        main(["poison", "--config", str(config), "--output", str(output), "--target_index", "5"])
+    assert "witches_brew: 13 poisons of 1258" in capsys.readouterr().out
+    a, b = (PoisonSet.load(p) for p in outputs)
+    assert torch.equal(a.images, b.images) and torch.equal(a.indices, b.indices)
+    dm = DigitsDataModule(**DATA["init_args"])
+    dm.setup()
+    a.validate(*dm.train_tensors())
+    assert torch.equal(a.target_images[0], dm.test_set.tensors()[0][5])
+    assert (a.labels == a.adversarial_labels[0]).all()  # poisons come from the adversarial class
+    with pytest.raises(SystemExit, match="--output must end in .safetensors or .npz"):
+        main(["poison", "--config", str(config), "--output", str(tmp_path / "x.pt")])
+    with pytest.raises(SystemExit, match="--target_index 9999 is outside"):
+        main(["poison", "--config", str(config), "--output", str(outputs[0]), "--target_index", "9999"])
+
+
+def test_backdoor_success_counts_triggered_source_images():
+    """attack_success pastes the trigger on the source-class test images and counts target-class predictions."""
+    from lightning_defense.attacks import apply_trigger
+    from lightning_defense.attacks.evaluation import attack_success
+    from lightning_defense.datamodules import IndexedDataset
+
+    class PatchDetector(torch.nn.Module):  # predicts class 7 iff the bottom-right pixel is 1, else class 0
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            hit = (x[:, 0, -1, -1] == 1).float()
+            return torch.stack([1 - hit] + [torch.zeros_like(hit)] * 6 + [hit], dim=1)
+
+    images, labels = torch.zeros(6, 1, 8, 8), torch.tensor([2, 2, 2, 3, 3, 3])
+    images[0, 0, -2:, -2:] = 0.5  # one source image with a pre-existing mark, no effect
+    trigger = torch.ones(1, 2, 2)
+    assert torch.equal(apply_trigger(images, trigger)[:, :, -2:, -2:], torch.ones(6, 1, 2, 2))
+    assert torch.equal(apply_trigger(images, trigger, "0,0")[:, :, :2, :2], torch.ones(6, 1, 2, 2))
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_trigger(images, trigger, "7,0")
+    poisons = PoisonSet(torch.tensor([0]), images[:1], labels[:1], "linf", 0.1, kind="backdoor", trigger=trigger,
+                        source_class=2, target_class=7)
+    assert attack_success(PatchDetector(), poisons, IndexedDataset(images, labels), 1.0, 1.0) == 1.0
+    poisons.metadata["trigger_xy"] = "0,0"  # the detector looks bottom-right: a top-left trigger fails
+    assert attack_success(PatchDetector(), poisons, IndexedDataset(images, labels), 1.0, 1.0) == 0.0
