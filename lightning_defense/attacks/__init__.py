@@ -8,6 +8,7 @@ from lightning_defense.attacks._common import Attack, AttackGoal, apply_trigger,
 from lightning_defense.attacks.autoregressive import AutoregressivePerturbation
 from lightning_defense.attacks.error_minimizing import ErrorMinimizingNoise
 from lightning_defense.attacks.evaluation import EvaluationConfig, evaluate
+from lightning_defense.attacks.feature_collision import BullseyePolytope, PoisonFrogs
 from lightning_defense.attacks.linear_separable import LinearSeparablePerturbation
 from lightning_defense.attacks.metrics import AttackSuccessRate
 from lightning_defense.attacks.random_noise import UniversalRandomPerturbation
@@ -18,10 +19,12 @@ __all__ = [
     "AttackGoal",
     "AttackSuccessRate",
     "AutoregressivePerturbation",
+    "BullseyePolytope",
     "ErrorMinimizingNoise",
     "EvaluationConfig",
     "GradientMatchingAttack",
     "LinearSeparablePerturbation",
+    "PoisonFrogs",
     "UniversalRandomPerturbation",
     "WitchesBrew",
     "apply_trigger",

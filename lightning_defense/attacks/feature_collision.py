@@ -1,0 +1,255 @@
+"""Feature-collision attacks on transfer learning: Poison Frogs and Bullseye Polytope.
+
+The victim fine-tunes only a linear head on top of a FIXED, publicly known feature extractor
+``f(x) = model.backbone.forward_features(model.normalize(x))``. The attacker perturbs ``budget * N``
+training images of the adversarial class (their labels stay, so the poisons are clean-label) so that
+their features land on the target's feature; a head trained on them then puts the target in the
+adversarial class.
+
+* **Poison Frogs** (Shafahi et al., NeurIPS 2018): each poison ``x_p`` collides with the target on its own,
+
+      minimise  ||f(x_p) - f(x_t)||^2 + beta ||x_p - x_b||^2,
+
+  by forward-backward splitting: a gradient (forward) step on the feature term, then the proximal
+  (backward) step of the ``beta`` term, which pulls the poison towards its base ``x_b``.
+* **Bullseye Polytope** (Aghakhani et al., EuroS&P 2021): the poisons' *mean* feature is pushed onto
+  the target, which puts the target near the centre of the poisons' polytope in feature space,
+
+      minimise  ||mean_j f(x_pj) - f(x_t)||^2 / ||f(x_t)||^2.
+
+  A linear head's class regions are convex, so once every poison is classified as the adversarial class
+  their mean -- the target -- is too.
+
+Both are projected onto the ``eps`` ball (l_inf or l2) around their bases and onto the [0, 1] box after
+every step, so the result is a valid :class:`PoisonSet`. The feature term is divided by ``||f(x_t)||^2``
+in both (Poison Frogs states it unnormalised; the division only rescales its step size) and the
+forward step uses Adam, as Bullseye Polytope's code does, so one ``lr`` (a fraction of ``eps``) suits
+any extractor.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_defense.attacks._common import (
+    Attack,
+    AttackGoal,
+    budget_count,
+    budget_indices,
+    check_split,
+    poison_set,
+    project,
+    require_goal,
+    train_surrogate,
+)
+from lightning_defense.datamodules.poison import PoisonSet
+from lightning_defense.models.classifier import ImageClassifier
+
+
+def extract_features(model: ImageClassifier, images: Tensor) -> Tensor:
+    """The fixed feature extractor of a transfer victim: ``backbone.forward_features(normalize(x))``, flattened."""
+    return model.backbone.forward_features(model.normalize(images)).flatten(1)
+
+
+def fit_linear_head(features: Tensor, labels: Tensor, num_classes: int, *, steps: int = 300, lr: float = 0.5,
+                    weight_decay: float = 1e-3) -> nn.Linear:
+    """The transfer victim's head: multinomial logistic regression on fixed features, full-batch gradient descent.
+
+    Features are standardised (per dimension, over ``features``) for the descent and the scaling is folded
+    back into the returned layer, so ``head(features)`` gives the logits. Deterministic: zero start,
+    full batch, heavy-ball momentum 0.9.
+
+    Args:
+        features: ``(N, D)`` features of the (poisoned) training set.
+        labels: ``(N,)`` labels.
+        num_classes: Classes of the head.
+        steps: Gradient steps.
+        lr: Step size.
+        weight_decay: L2 penalty on the weights of the standardised features.
+
+    Raises:
+        ValueError: On mismatched features/labels or a bad ``steps``.
+    """
+    if features.ndim != 2 or labels.shape != (len(features),):
+        raise ValueError(f"features must be (N, D) and labels (N,); got {tuple(features.shape)} and {tuple(labels.shape)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1; got {steps!r}")
+    features = features.detach().float()
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    z = (features - mean) / std
+    weight = torch.zeros(features.shape[1], num_classes, requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.SGD([weight, bias], lr=lr, momentum=0.9)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(z @ weight + bias, labels) + weight_decay * weight.pow(2).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    head = nn.Linear(features.shape[1], num_classes)
+    with torch.no_grad():
+        scaled = weight / std[:, None]
+        head.weight.copy_(scaled.T)
+        head.bias.copy_(bias - mean @ scaled)
+    return head
+
+
+class FeatureCollisionAttack(Attack):
+    """Shared machinery of Poison Frogs and Bullseye Polytope: the extractor, the budget, the optimisation.
+
+    Args:
+        eps: Bound in [0, 1] pixel units (the papers: 8-16/255 l_inf on CIFAR-10).
+        norm: ``"linf"`` or ``"l2"``.
+        budget: Fraction of the training set poisoned, all from the adversarial class
+            (the papers: 1-25 poisons, a few hundredths of a percent of CIFAR-10).
+        steps: Optimisation steps.
+        lr: Adam step size as a fraction of ``eps``.
+        beta: Poison Frogs' pull towards the base, per unit of the normalised feature term (0 for Bullseye).
+        extractor: The fixed, pretrained :class:`ImageClassifier` whose features are attacked. None trains
+            one on the clean training split of the first :meth:`craft` call and keeps it for later calls
+            (seeded by ``extractor_seed``, not by the crafting seed: the pretrained network of transfer
+            learning is one public model, the same in every trial).
+        backbone: Architecture of that trained extractor.
+        backbone_kwargs: Its extra arguments, e.g. ``{"width": 16}``.
+        extractor_epochs: Its epochs of clean training.
+        extractor_lr: Its SGD learning rate.
+        extractor_seed: Its seed.
+        progress: Show a progress bar.
+
+    Raises:
+        ValueError: On a bad argument, naming it.
+    """
+
+    kind = "targeted"
+    mean_collision = False
+
+    def __init__(self, eps: float = 16 / 255, norm: str = "linf", budget: float = 0.01, steps: int = 200,
+                 lr: float = 0.1, beta: float = 0.0, extractor: Optional[ImageClassifier] = None,
+                 backbone: str = "small_cnn", backbone_kwargs: Optional[dict] = None, extractor_epochs: int = 10,
+                 extractor_lr: float = 0.05, extractor_seed: int = 0, progress: bool = True) -> None:
+        super().__init__(eps, norm, budget, progress)
+        for name, value in (("steps", steps), ("extractor_epochs", extractor_epochs)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr (a fraction of eps) must be > 0; got {lr!r}")
+        if not (isinstance(beta, (int, float)) and beta >= 0):
+            raise ValueError(f"beta must be >= 0; got {beta!r}")
+        if extractor is not None and not (isinstance(extractor, ImageClassifier)
+                                          and hasattr(extractor.backbone, "forward_features")):
+            raise ValueError(f"extractor must be an ImageClassifier whose backbone has forward_features; got "
+                             f"{type(extractor).__name__}")
+        self.steps, self.lr, self.beta = steps, float(lr), float(beta)
+        self.extractor = extractor
+        self.backbone, self.backbone_kwargs = backbone, backbone_kwargs
+        self.extractor_epochs, self.extractor_lr, self.extractor_seed = extractor_epochs, extractor_lr, extractor_seed
+
+    def feature_extractor(self, images: Tensor, labels: Tensor) -> ImageClassifier:
+        """The fixed extractor: the given one, or one trained on the clean split (seeded by ``extractor_seed``)."""
+        if self.extractor is None:
+            self.extractor = train_surrogate(
+                images, labels, backbone=self.backbone, backbone_kwargs=self.backbone_kwargs,
+                epochs=self.extractor_epochs, lr=self.extractor_lr, seed=self.extractor_seed,
+                progress=self.progress, desc=f"{self.name}: feature extractor")
+        return self.extractor.eval()
+
+    def collision_loss(self, features: Tensor, target_feature: Tensor) -> Tensor:
+        """The feature term, divided by ``||f(x_t)||^2``: per poison (Poison Frogs) or of the mean (Bullseye)."""
+        scale = target_feature.pow(2).sum().clamp_min(1e-12)
+        if self.mean_collision:
+            return (features.mean(0) - target_feature).pow(2).sum() / scale
+        return (features - target_feature).pow(2).sum(1).sum() / scale
+
+    def collide(self, model: ImageClassifier, clean: Tensor, target: Tensor) -> tuple[Tensor, float]:
+        """Optimise the perturbations of ``clean`` so their features collide with ``target``'s; returns (delta, loss)."""
+        with torch.no_grad():
+            target_feature = extract_features(model, target[None])[0]
+        delta = torch.zeros_like(clean, requires_grad=True)
+        step = self.lr * self.eps
+        optimizer = torch.optim.Adam([delta], lr=step)
+        with self._bar(self.steps, "feature collision") as bar:
+            for _ in range(self.steps):
+                loss = self.collision_loss(extract_features(model, clean + delta), target_feature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()  # forward step on the feature term
+                with torch.no_grad():
+                    if self.beta > 0:  # backward step: prox of beta ||delta||^2 with step size `step`
+                        delta.div_(1 + 2 * step * self.beta)
+                    delta.copy_(project(delta, clean, self.eps, self.norm))
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        with torch.no_grad():
+            final = self.collision_loss(extract_features(model, clean + delta), target_feature).item()
+        return delta.detach(), final
+
+    def craft(self, images: Tensor, labels: Tensor, *, goal: Optional[AttackGoal] = None, seed: int = 0) -> PoisonSet:
+        check_split(images, labels)
+        goal = require_goal(self, goal, "target_image", "adversarial_label")
+        generator = torch.Generator().manual_seed(int(seed))
+        candidates = (labels == goal.adversarial_label).nonzero().flatten()
+        indices = budget_indices(candidates, budget_count(self.budget, len(images)), generator,
+                                 f"training images of the adversarial class {goal.adversarial_label}")
+        model = self.feature_extractor(images, labels)
+        requires_grad = [p.requires_grad for p in model.parameters()]
+        for p in model.parameters():  # the extractor is fixed: gradients flow to the poisons only
+            p.requires_grad_(False)
+        try:
+            clean = images[indices].float()
+            target = goal.target_image.float()
+            delta, loss = self.collide(model, clean, target)
+        finally:
+            for p, flag in zip(model.parameters(), requires_grad):
+                p.requires_grad_(flag)
+        target_label = int(goal.target_label if goal.target_label is not None else -1)
+        return poison_set(
+            indices, clean + delta, labels[indices], self, target_images=target[None],
+            target_labels=torch.tensor([target_label]), adversarial_labels=torch.tensor([goal.adversarial_label]),
+            metadata=self._metadata(seed, collision_loss=f"{loss:.5f}", target_index=goal.target_index,
+                                    extractor_seed=self.extractor_seed),
+        )
+
+
+class PoisonFrogs(FeatureCollisionAttack):
+    """Poison Frogs (Shafahi et al. 2018): each poison's feature collides with the target's.
+
+    See :class:`FeatureCollisionAttack` for the arguments; ``beta`` (default 0.1) weighs the pull to the base.
+
+    Example::
+
+        attack = PoisonFrogs(eps=16 / 255, budget=0.01, extractor=pretrained)
+        goal = attack.sample_goal(test_images, test_labels, num_classes=10, seed=0)
+        poisons = attack.craft(train_images, train_labels, goal=goal, seed=0)
+    """
+
+    name = "poison_frogs"
+    mean_collision = False
+
+    def __init__(self, eps: float = 16 / 255, norm: str = "linf", budget: float = 0.01, steps: int = 200,
+                 lr: float = 0.1, beta: float = 0.1, **kwargs) -> None:
+        super().__init__(eps, norm, budget, steps, lr, beta, **kwargs)
+
+
+class BullseyePolytope(FeatureCollisionAttack):
+    """Bullseye Polytope (Aghakhani et al. 2021): the poisons' mean feature collides with the target's.
+
+    See :class:`FeatureCollisionAttack` for the arguments (no ``beta``: the eps-ball alone keeps poisons close).
+
+    Example::
+
+        attack = BullseyePolytope(eps=16 / 255, budget=0.01, extractor=pretrained)
+        goal = attack.sample_goal(test_images, test_labels, num_classes=10, seed=0)
+        poisons = attack.craft(train_images, train_labels, goal=goal, seed=0)
+    """
+
+    name = "bullseye_polytope"
+    mean_collision = True
+
+    def __init__(self, eps: float = 16 / 255, norm: str = "linf", budget: float = 0.01, steps: int = 200,
+                 lr: float = 0.1, **kwargs) -> None:
+        super().__init__(eps, norm, budget, steps, lr, 0.0, **kwargs)
