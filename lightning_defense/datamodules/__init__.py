@@ -8,6 +8,7 @@ from lightning_defense.datamodules.cifar10 import CIFAR10DataModule, read_cifar1
 from lightning_defense.datamodules.deep_knn import DeepKNNFilterDataModule
 from lightning_defense.datamodules.diffusion_purified import DiffusionPurifiedDataModule
 from lightning_defense.datamodules.digits import DigitsDataModule, load_digits_tensors
+from lightning_defense.datamodules.eclipse import EclipseDataModule
 from lightning_defense.datamodules.image_folder import ImageFolderDataModule
 from lightning_defense.datamodules.importers import (
     UntrustedPickleError,
@@ -26,6 +27,7 @@ __all__ = [
     "DeepKNNFilterDataModule",
     "DiffusionPurifiedDataModule",
     "DigitsDataModule",
+    "EclipseDataModule",
     "GaussianNoiseDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
