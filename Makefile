@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lightning-defense fit --config configs/digits/baseline.yaml
+	$(VENV)/bin/lightning-defense evaluate --config configs/digits/evaluate.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
