@@ -94,6 +94,18 @@ def check_fraction(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1); got {value}")
 
 
+def check_split_args(num_channels: int, val_fraction: float, test_fraction: float) -> None:
+    """Shared argument checks of the datamodules that split one image set into train/val/test."""
+    if num_channels not in (1, 3):
+        raise ValueError(f"num_channels must be 1 or 3; got {num_channels}")
+    check_fraction("val_fraction", val_fraction)
+    check_fraction("test_fraction", test_fraction)
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"val_fraction + test_fraction must leave training data; got {val_fraction} + {test_fraction}"
+        )
+
+
 class ImageDataModule(L.LightningDataModule):
     """Base class: subclasses set ``train_set``, ``val_set`` and ``test_set`` in ``setup``.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_defense.datamodules._base import IndexedDataset, ImageDataModule, check_fraction, seeded_split
+from lightning_defense.datamodules._base import IndexedDataset, ImageDataModule, check_split_args, seeded_split
 
 
 def load_digits_tensors(image_size: int = 32, num_channels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,14 +54,7 @@ class DigitsDataModule(ImageDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         if image_size < 8:
             raise ValueError(f"image_size must be >= 8 (the digits are 8x8); got {image_size}")
-        if num_channels not in (1, 3):
-            raise ValueError(f"num_channels must be 1 or 3; got {num_channels}")
-        check_fraction("val_fraction", val_fraction)
-        check_fraction("test_fraction", test_fraction)
-        if val_fraction + test_fraction >= 1.0:
-            raise ValueError(
-                f"val_fraction + test_fraction must leave training data; got {val_fraction} + {test_fraction}"
-            )
+        check_split_args(num_channels, val_fraction, test_fraction)
         self.image_size = image_size
         self.num_channels = num_channels
         self.val_fraction = val_fraction

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_defense.datamodules._base import ImageDataModule, check_fraction, seeded_split
+from lightning_defense.datamodules._base import ImageDataModule, check_split_args, seeded_split
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -79,10 +79,7 @@ class ImageFolderDataModule(ImageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        if num_channels not in (1, 3):
-            raise ValueError(f"num_channels must be 1 or 3; got {num_channels}")
-        check_fraction("val_fraction", val_fraction)
-        check_fraction("test_fraction", test_fraction)
+        check_split_args(num_channels, val_fraction, 0.0 if test_root else test_fraction)
         self.root, self.test_root = Path(root), Path(test_root) if test_root else None
         self.classes, self._samples = scan_class_folders(self.root)
         self.num_classes = len(self.classes)

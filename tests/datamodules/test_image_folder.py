@@ -47,3 +47,9 @@ def test_errors_name_the_path(tmp_path):
     dm = ImageFolderDataModule(str(tmp_path / "a"), test_root=str(tmp_path / "b"))
     with pytest.raises(ValueError, match="has classes"):
         dm.setup()
+
+
+def test_fractions_must_leave_training_data(tmp_path):
+    make_folder(tmp_path / "train")
+    with pytest.raises(ValueError, match="must leave training data"):
+        ImageFolderDataModule(str(tmp_path / "train"), val_fraction=0.5, test_fraction=0.6)
