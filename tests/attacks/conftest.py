@@ -24,3 +24,20 @@ def small_split(digits16):
 def accuracy_of(model, images, labels):
     with torch.no_grad():
         return (model(images).argmax(1) == labels).float().mean().item()
+
+
+def check_targeted_poisons(attack, x, y, eps, norm):
+    """Shared checks of a targeted attack: bound, budget, adversarial-class poisons, goal, seeding."""
+    goal = attack.sample_goal(x, y, num_classes=10, seed=4)
+    assert goal.adversarial_label != goal.target_label
+    poisons = attack.craft(x, y, goal=goal, seed=0)
+    assert len(poisons) == 10 and (poisons.labels == goal.adversarial_label).all()
+    assert (y[poisons.indices] == goal.adversarial_label).all()
+    poisons.validate(x, y)
+    linf, l2 = poisons.perturbation_norms(x)
+    assert (linf if norm == "linf" else l2).max() <= eps + 1e-5
+    assert linf.min() > 0
+    assert poisons.kind == "targeted" and poisons.adversarial_labels.tolist() == [goal.adversarial_label]
+    assert torch.equal(poisons.target_images[0], goal.target_image)
+    again = attack.craft(x, y, goal=goal, seed=0)
+    assert torch.equal(again.images, poisons.images) and torch.equal(again.indices, poisons.indices)

@@ -7,6 +7,8 @@ and a linear head (logistic regression) fitted on the poisoned training set's fe
 import pytest
 import torch
 
+from tests.attacks.conftest import check_targeted_poisons
+
 from lightning_defense.attacks import AttackGoal, BullseyePolytope, PoisonFrogs, train_surrogate
 from lightning_defense.attacks._common import project
 from lightning_defense.attacks.feature_collision import extract_features, fit_linear_head
@@ -41,18 +43,7 @@ def test_within_bound_budget_and_adversarial_class(cls, norm, eps, small_split):
     x, y = small_split
     attack = cls(eps=eps, norm=norm, budget=0.05, steps=5, backbone_kwargs={"width": 4}, extractor_epochs=1,
                  progress=False)
-    goal = attack.sample_goal(x, y, num_classes=10, seed=4)
-    poisons = attack.craft(x, y, goal=goal, seed=0)
-    assert len(poisons) == 10 and (poisons.labels == goal.adversarial_label).all()
-    assert (y[poisons.indices] == goal.adversarial_label).all()
-    poisons.validate(x, y)
-    linf, l2 = poisons.perturbation_norms(x)
-    assert (linf if norm == "linf" else l2).max() <= eps + 1e-5
-    assert linf.min() > 0
-    assert poisons.kind == "targeted" and poisons.adversarial_labels.tolist() == [goal.adversarial_label]
-    assert torch.equal(poisons.target_images[0], goal.target_image)
-    again = attack.craft(x, y, goal=goal, seed=0)
-    assert torch.equal(again.images, poisons.images) and torch.equal(again.indices, poisons.indices)
+    check_targeted_poisons(attack, x, y, eps, norm)
 
 
 @pytest.mark.parametrize("cls", [PoisonFrogs, BullseyePolytope])
