@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -8,6 +13,8 @@ from lightning_defense.datamodules.eclipse import EclipseDataModule, compensate,
 from lightning_defense.diffusion import noise_and_denoise
 from lightning_defense.diffusion.denoiser import Denoiser
 from lightning_defense.models import ImageClassifier
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def small_digits(channels=3, **kwargs):
@@ -234,3 +241,54 @@ def test_sparse_set_errors(tmp_path):
         eclipse(tmp_path, clean_size=91).sparse_set()
     with pytest.raises(ValueError, match="shaped"):
         eclipse(tmp_path, clean_subset=small_digits(channels=1)).sparse_set()
+
+
+def _eclipse_fit_args(out, devices):
+    """`lightning-defense fit` on configs/digits/eclipse.yaml shrunk to 8x8 and a tiny DDPM, writing under ``out``."""
+    base = "--data.init_args.base.init_args."
+    data = "--data.init_args."
+    return [
+        "fit", "--config", str(ROOT / "configs/digits/eclipse.yaml"),
+        f"{base}image_size=8", f"{base}val_fraction=0.05", f"{base}test_fraction=0.85", f"{base}batch_size=32",
+        f"{data}clean_fraction=0.1", f"{data}t_star=3", f"{data}num_train_timesteps=100",
+        f"{data}block_out_channels=[16,32]", f"{data}attention_resolutions=[4]", f"{data}num_heads=2",
+        f"{data}train_steps=3", f"{data}train_batch_size=16", f"{data}batch_size=64", f"{data}chunk_size=64",
+        f"{data}device=cpu", f"{data}progress=false",
+        f"{data}model_dir={out / 'models'}", f"{data}cache_dir={out / 'purified'}",
+        f"--trainer.devices={devices}", "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_checkpointing=false", "--trainer.deterministic=false", "--test_after_fit=false",
+        f"--trainer.default_root_dir={out}",
+    ] + (["--trainer.strategy=ddp"] if devices > 1 else [])
+
+
+def _tree_bytes(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def test_two_process_ddp_trains_the_model_once_on_rank_zero_and_matches_one_process(tmp_path):
+    """Under DDP rank 0 trains and writes the sparse-set DDPM (the other rank waits at the barrier), and the
+    model and purified training set are byte-identical to a 1-process run's."""
+    from lightning_defense.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what Lightning gives each of the 2 DDP ranks on 2 cores: same float reduction order
+    try:
+        main(_eclipse_fit_args(tmp_path / "one", devices=1))
+    finally:
+        torch.set_num_threads(threads)
+    cmd = [sys.executable, "-m", "lightning_defense.cli", *_eclipse_fit_args(tmp_path / "two", devices=2)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output
+    assert output.count("training the ECLIPSE diffusion model") == 1  # rank 0 only
+    one_models, two_models = _tree_bytes(tmp_path / "one" / "models"), _tree_bytes(tmp_path / "two" / "models")
+    assert any(name.endswith(".safetensors") for name in two_models)
+    assert not any(".tmp" in name for name in two_models)  # the atomic rename left no partial model
+    assert two_models == one_models
+    one_purified, two_purified = _tree_bytes(tmp_path / "one" / "purified"), _tree_bytes(tmp_path / "two" / "purified")
+    assert sum(name.endswith(".npy") for name in two_purified) == 3  # 180 training images in chunks of 64
+    assert {k: v for k, v in two_purified.items() if k.endswith(".npy")} == \
+        {k: v for k, v in one_purified.items() if k.endswith(".npy")}
