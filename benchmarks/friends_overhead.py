@@ -12,6 +12,7 @@ noise once (Algorithm 1) and adding friendly + random noise to every batch. The 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import lightning as L
@@ -66,7 +67,8 @@ def main() -> None:
 
     undefended, cpu_undefended, acc_undefended = fit(args, [])
     print(f"undefended fit done: {undefended:.1f} s", flush=True)
-    friends = TimedFriendsNoise(begin_epoch=args.begin_epoch, steps=args.steps, noise_type=args.noise_type)
+    friends = TimedFriendsNoise(begin_epoch=args.begin_epoch, steps=args.steps, noise_type=args.noise_type,
+                                noise_dir=tempfile.mkdtemp(prefix="friends_overhead_"))  # fresh: no cached noise reused
     defended, cpu_defended, acc_defended = fit(args, [friends])
     print(f"digits {args.image_size}x{args.image_size}, small_cnn width {args.width}, {args.epochs} epochs, "
           f"batch {args.batch_size}, FRIENDS steps {args.steps} from epoch {args.begin_epoch}, {args.noise_type}")

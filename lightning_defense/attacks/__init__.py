@@ -12,6 +12,7 @@ from lightning_defense.attacks.feature_collision import BullseyePolytope, Poison
 from lightning_defense.attacks.linear_separable import LinearSeparablePerturbation
 from lightning_defense.attacks.metrics import AttackSuccessRate
 from lightning_defense.attacks.random_noise import UniversalRandomPerturbation
+from lightning_defense.attacks.sleeper_agent import SleeperAgent
 from lightning_defense.attacks.witches_brew import GradientMatchingAttack, WitchesBrew
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "GradientMatchingAttack",
     "LinearSeparablePerturbation",
     "PoisonFrogs",
+    "SleeperAgent",
     "UniversalRandomPerturbation",
     "WitchesBrew",
     "apply_trigger",

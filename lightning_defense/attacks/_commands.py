@@ -68,7 +68,8 @@ def _evaluate_parser() -> ArgumentParser:
                             description="Run the papers' protocol: T trials of attack x defense, one table.")
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--data", type=dict, required=True, help="class_path/init_args of the clean datamodule")
-    parser.add_argument("--attacks", type=list, default=[], help="list of {name, class_path, init_args}")
+    parser.add_argument("--attacks", type=list, default=[],
+                        help="list of {name, class_path, init_args, victim: {model, trainer, callbacks, transfer}}")
     parser.add_argument("--defenses", type=list, default=[], help="list of {name, callbacks: [...], wrapper: {...}}")
     parser.add_argument("--model", type=dict, default={}, help="ImageClassifier arguments of the victim")
     parser.add_argument("--trainer", type=dict, default={}, help="lightning.Trainer arguments of the victim")
@@ -84,25 +85,38 @@ def _evaluate_parser() -> ArgumentParser:
     return parser
 
 
-@register_command("evaluate")
-def run_evaluate(argv: list[str]) -> None:
-    """Run (or resume) the evaluation and print the "(accuracy) success" table."""
-    from lightning_defense.attacks.evaluation import EvaluationConfig, evaluate
+def evaluation_config(argv: list[str]):
+    """The :class:`EvaluationConfig` that ``lightning-defense evaluate argv...`` runs."""
+    from lightning_defense.attacks.evaluation import EvaluationConfig
 
     args = _evaluate_parser().parse_args(argv)
-    import logging
-
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # one "GPU available" banner per victim is noise
     fields = {k: v for k, v in vars(args).items() if k != "config"}
     if fields["poison"] is not None and not Path(fields["poison"]).exists():
         sys.exit(f"lightning-defense evaluate: --poison {fields['poison']} does not exist")
     fields = {k: _plain(v) for k, v in fields.items()}
     for section in ("model", "trainer"):  # "--trainer.max_epochs 2" arrives as the string "2"
         fields[section] = {k: _scalar(v) for k, v in fields[section].items()}
-    config = EvaluationConfig(**fields)
+    return EvaluationConfig(**fields)
+
+
+@register_command("evaluate")
+def run_evaluate(argv: list[str]) -> None:
+    """Run (or resume) the evaluation and print the "(accuracy) success" table."""
+    from lightning_defense.attacks.evaluation import _distributed, _global_rank, evaluate
+
+    import logging
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # one "GPU available" banner per victim is noise
+    config = evaluation_config(argv)
     _, table = evaluate(config)
+    if _global_rank() != 0:  # under DDP every rank runs the trials; rank 0 reports
+        return
     print(table)
+    if _distributed():
+        import torch.distributed as dist
+
+        print(f"\nvictims trained with DDP on {dist.get_world_size()} processes")
     print(f"\nwritten: {Path(config.output_dir) / 'table.md'} (.csv, .json); per-trial results under "
           f"{Path(config.output_dir) / 'trials'}")
 

@@ -10,6 +10,21 @@ attack success, averaged over the runs; a table cell reads "(accuracy) success".
    (so defense callbacks run), on ``wrapper(base=PoisonedDataModule(data, poisons))``;
 4. measures clean test accuracy and :class:`AttackSuccessRate`.
 
+An attack entry may carry a ``victim:`` mapping: ``model`` and ``trainer`` entries that override the global
+ones for that attack's victims, extra ``callbacks``, and ``transfer: true`` for feature-collision attacks
+(Poison Frogs, Bullseye Polytope), whose victim is the attack's own feature extractor, frozen
+(:class:`~lightning_defense.callbacks.LinearProbe`), with a fresh linear head trained on the poisoned set.
+The extractor is written once per attack to ``output_dir/extractors/<attack>.safetensors`` (or read from
+the attack's ``extractor_path``); crafting and the victim both load that file.
+
+Under DDP (``trainer: {strategy: ddp, devices: 2}``) Lightning re-runs the command for every rank, so every
+rank walks the same trials: global rank 0 crafts and writes the poisons (and extractors) and the results,
+the others wait at a barrier and read the files. Each rank trains on its share of every global batch of
+the 1-process loader (not Lightning's ``DistributedSampler``), tests on its share of the test split with
+the accuracy reduced over ranks, and scores the attack with rank 0's weights, so the table is the
+1-process table up to floating-point summation order and what differs by construction: per-rank
+BatchNorm statistics and per-rank random augmentation (see :func:`shard_loader`).
+
 A "clean" row (no attack) is trained per trial too: it gives each defense's clean accuracy and the
 reference accuracy from which an indiscriminate attack's success (the accuracy drop) is measured.
 Every (row, defense, trial) result is written atomically as soon as it is known, keyed by a hash of all
@@ -32,7 +47,9 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from lightning_defense.attacks._common import Attack, apply_trigger
 from lightning_defense.attacks.metrics import AttackSuccessRate
@@ -78,6 +95,40 @@ class Defense:
         if not isinstance(callbacks, list):
             raise ValueError(f"defenses[{position}] ({spec['name']}): callbacks must be a list of class_path/init_args")
         return cls(spec["name"], callbacks, spec.get("wrapper"))
+
+
+@dataclass
+class Victim:
+    """The victim an attack is evaluated on: the global ``model``/``trainer``, overridden per attack.
+
+    Args:
+        model: ImageClassifier arguments that replace the global ``model``'s.
+        trainer: Trainer arguments that replace the global ``trainer``'s.
+        callbacks: Extra callbacks (class_path/init_args), run before the defense's.
+        transfer: Transfer learning: start from the attack's feature extractor and freeze it
+            (:class:`~lightning_defense.callbacks.LinearProbe`); only the head is trained. The victim's
+            ``model`` must build the extractor's architecture (``backbone``, ``backbone_kwargs``) and use its
+            normalisation (the attacks' extractors use ImageClassifier's default ``mean``/``std``).
+    """
+
+    model: dict = field(default_factory=dict)
+    trainer: dict = field(default_factory=dict)
+    callbacks: list = field(default_factory=list)
+    transfer: bool = False
+
+    @classmethod
+    def from_config(cls, spec: Any, what: str) -> "Victim":
+        if spec is None:
+            return cls()
+        if not isinstance(spec, dict):
+            raise ValueError(f"{what}.victim must be a mapping with model, trainer, callbacks, transfer; got {spec!r}")
+        unknown = set(spec) - {"model", "trainer", "callbacks", "transfer"}
+        if unknown:
+            raise ValueError(f"{what}.victim: unknown keys {sorted(unknown)}; use model, trainer, callbacks, transfer")
+        for key, kind in (("model", dict), ("trainer", dict), ("callbacks", list), ("transfer", bool)):
+            if key in spec and not isinstance(spec[key], kind):
+                raise ValueError(f"{what}.victim.{key} must be a {kind.__name__}; got {spec[key]!r}")
+        return cls(**spec)
 
 
 @dataclass
@@ -135,21 +186,113 @@ def trial_seed(seed: int, trial: int) -> int:
     return int(seed) * 100_003 + int(trial)
 
 
-def train_victim(config: EvaluationConfig, defense: Defense, poisons: Optional[PoisonSet], seed: int, root: Path):
-    """Train a fresh victim with ``defense`` on the (poisoned) data; returns ``(model, datamodule, test accuracy)``."""
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _global_rank() -> int:
+    """This process's global rank: from torch.distributed, else the launcher's environment (0 when alone)."""
+    if _distributed():
+        return dist.get_rank()
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    return _get_rank() or 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+class _RankBatches(Sampler):
+    """Rank ``rank``'s share of every batch of ``batch_sampler`` (a strided slice; never empty)."""
+
+    def __init__(self, batch_sampler, rank: int, world_size: int) -> None:
+        self.batch_sampler, self.rank, self.world_size = batch_sampler, rank, world_size
+
+    def __iter__(self):
+        for batch in self.batch_sampler:
+            batch = list(batch)
+            share = batch[self.rank::self.world_size]
+            yield share if share else batch[-1:]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
+    """The loader one of ``world_size`` DDP processes uses so that together they see ``loader``'s batches.
+
+    Every rank draws the same global batches as one process would (same sampler, same seed) and keeps
+    every ``world_size``-th sample of each. DDP averages the ranks' gradients, so a step equals the
+    1-process step when the shares are equally large; test metrics reduced over ranks count every sample
+    once. A final batch smaller than ``world_size`` is repeated on the ranks left without a sample.
+    """
+    if world_size <= 1:
+        return loader
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None:
+        raise ValueError(f"evaluate under DDP needs map-style datasets with a batch_size; got a loader over "
+                         f"{type(loader.dataset).__name__} (set trainer.use_distributed_sampler: true to use "
+                         "Lightning's DistributedSampler instead)")
+    return DataLoader(loader.dataset, batch_sampler=_RankBatches(loader.batch_sampler, rank, world_size),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers,
+                      generator=loader.generator)
+
+
+def _shard_datamodule(data: L.LightningDataModule, trainer: L.Trainer) -> None:
+    """Make ``data``'s loaders rank shards (see :func:`shard_loader`) once the trainer knows its ranks."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        if not is_overridden(name, data, L.LightningDataModule):
+            continue
+        original = getattr(data, name)
+
+        def sharded(original=original):
+            return shard_loader(original(), trainer.global_rank, trainer.world_size)
+
+        setattr(data, name, sharded)
+
+
+def _share_rank_zero_weights(model: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers (BatchNorm statistics differ per rank) to every rank."""
+    if _distributed():
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+
+def train_victim(config: EvaluationConfig, defense: Defense, poisons: Optional[PoisonSet], seed: int, root: Path,
+                 victim: Optional[Victim] = None, extractor: Optional[str] = None):
+    """Train a fresh victim with ``defense`` on the (poisoned) data; returns ``(model, datamodule, test accuracy)``.
+
+    ``victim`` overrides the global model/trainer and adds callbacks; with ``victim.transfer`` the model
+    starts from the ``extractor`` file, frozen, and only its head is trained.
+    """
+    from lightning_defense.callbacks.linear_probe import LinearProbe
+
+    victim = victim or Victim()
     L.seed_everything(seed, workers=True, verbose=False)
     data = instantiate(config.data, "data")
     if poisons is not None:
         data = PoisonedDataModule(data, poisons)
     if defense.wrapper is not None:
         data = instantiate(defense.wrapper, f"defenses[{defense.name}].wrapper", base=data)
-    callbacks = [instantiate(c, f"defenses[{defense.name}].callbacks") for c in defense.callbacks]
-    model = ImageClassifier(**{**config.model, "num_classes": data.num_classes, "in_chans": data.num_channels})
+    callbacks = [LinearProbe(checkpoint_path=extractor)] if victim.transfer else []
+    callbacks += [instantiate(c, "victim.callbacks") for c in victim.callbacks]
+    callbacks += [instantiate(c, f"defenses[{defense.name}].callbacks") for c in defense.callbacks]
+    model_args = {**config.model, **victim.model}
+    model = ImageClassifier(**{**model_args, "num_classes": data.num_classes, "in_chans": data.num_channels})
     trainer_args = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(root))
+                        enable_model_summary=False, default_root_dir=str(root), use_distributed_sampler=False)
     trainer_args.update(config.trainer)
+    trainer_args.update(victim.trainer)
     trainer = L.Trainer(**trainer_args, callbacks=callbacks)
+    if not trainer_args["use_distributed_sampler"]:
+        _shard_datamodule(data, trainer)
     trainer.fit(model, datamodule=data)
+    _share_rank_zero_weights(model)
     accuracy = float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
     return model.eval(), data, accuracy
 
@@ -212,15 +355,22 @@ class Evaluation:
         self.out = Path(config.output_dir)
         self.defenses = [Defense(NO_DEFENSE)] + [Defense.from_config(d, i) for i, d in enumerate(config.defenses)]
         self.attacks: dict[str, Attack] = {}
+        self.victims: dict[str, Victim] = {}
         for i, spec in enumerate(config.attacks if config.poison is None else []):
             if not isinstance(spec, dict) or not spec.get("name"):
                 raise ValueError(f"attacks[{i}] needs a 'name' besides class_path/init_args; got {spec!r}")
             attack = instantiate({k: v for k, v in spec.items() if k != "name"}, f"attacks[{i}] ({spec['name']})")
             if not isinstance(attack, Attack):
                 raise ValueError(f"attacks[{i}] ({spec['name']}): {type(attack).__name__} is not a lightning_defense Attack")
-            attack.progress = attack.progress and config.progress
+            attack.progress = attack.progress and config.progress and _global_rank() == 0
             self.attacks[spec["name"]] = attack
+            victim = Victim.from_config(spec.get("victim"), f"attacks[{i}] ({spec['name']})")
+            self.victims[spec["name"]] = victim
+            if victim.transfer and not hasattr(attack, "save_extractor"):
+                raise ValueError(f"attacks[{i}] ({spec['name']}): victim.transfer needs an attack with a fixed feature "
+                                 f"extractor (PoisonFrogs, BullseyePolytope); {type(attack).__name__} has none")
         self.specs = {spec["name"]: spec for spec in config.attacks}
+        self.extractors: dict[str, tuple[str, str]] = {}  # attack -> (extractor file, its sha256)
         self.executed = 0  # victims trained by this run (the rest were resumed from disk)
 
     def _base_key(self) -> dict:
@@ -230,32 +380,71 @@ class Evaluation:
     def _result_path(self, row: str, defense: str, trial: int) -> Path:
         return self.out / "trials" / row / defense / f"trial_{trial:04d}.json"
 
+    def _shared_file(self, path: Path, is_valid, write) -> None:
+        """Global rank 0 writes ``path`` when it is missing or stale; every rank then waits until it is there."""
+        if not is_valid(path):
+            if _global_rank() == 0:
+                write(path)
+            elif not _distributed():
+                raise RuntimeError(f"rank {_global_rank()} is not connected to rank 0 and {path} is missing")
+        _barrier()
+
+    def _extractor(self, row: str, images: Tensor, labels: Tensor) -> tuple[str, str]:
+        """The transfer victim's extractor file of ``row`` (written once, then used by crafting and victims)."""
+        if row not in self.extractors:
+            attack = self.attacks[row]
+            if attack.extractor_path is not None:
+                path = Path(attack.extractor_path)
+            else:
+                key = _digest({"data": self.config.data, "attack": _attack_args(self.specs[row])})
+                path = self.out / "extractors" / f"{row}.safetensors"
+
+                def is_valid(p: Path) -> bool:
+                    return p.is_file() and _safetensors_metadata(p).get("cache_key") == key
+
+                self._shared_file(path, is_valid,
+                                  lambda p: attack.save_extractor(p, images, labels, {"cache_key": key}))
+                attack.extractor, attack.extractor_path = None, str(path)  # craft against the file's weights
+            self.extractors[row] = (str(path), hashlib.sha256(path.read_bytes()).hexdigest())
+        return self.extractors[row]
+
     def _poisons(self, row: str, trial: int, seed: int, images, labels, test_images, test_labels, num_classes) -> PoisonSet:
         if self.config.poison is not None:
             return load_poison_file(self.config, images, labels)
         attack = self.attacks[row]
-        key = _digest({**self._base_key(), "attack": self.specs[row], "trial_seed": seed})
+        extra = {"extractor_sha256": self.extractors[row][1]} if row in self.extractors else {}
+        key = _digest({**self._base_key(), "attack": _attack_args(self.specs[row]), "trial_seed": seed, **extra})
         path = self.out / "poisons" / row / f"trial_{trial:04d}.safetensors"
-        if path.is_file():
-            cached = PoisonSet.load(path, base_images=images, base_labels=labels)
-            if cached.metadata.get("cache_key") == key:
-                return cached
-        goal = attack.sample_goal(test_images, test_labels, num_classes, seed)
-        poisons = attack.craft(images, labels, goal=goal, seed=seed)
-        poisons.metadata["cache_key"] = key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        poisons.save(path)
-        return poisons
+
+        def is_valid(p: Path) -> bool:
+            return p.is_file() and json.loads(_safetensors_metadata(p).get("poison_set", "{}")).get(
+                "metadata", {}).get("cache_key") == key
+
+        def craft(p: Path) -> None:
+            goal = attack.sample_goal(test_images, test_labels, num_classes, seed)
+            poisons = attack.craft(images, labels, goal=goal, seed=seed)
+            poisons.metadata["cache_key"] = key
+            p.parent.mkdir(parents=True, exist_ok=True)
+            poisons.save(p)
+
+        self._shared_file(path, is_valid, craft)
+        return PoisonSet.load(path, base_images=images, base_labels=labels)  # every rank scores the same file
 
     def _run_cell(self, row, defense, trial, seed, poisons, clean_accuracy) -> dict:
         spec = None if row == CLEAN_ROW else (self.specs.get(row) or {"poison": self.config.poison})
-        key = _digest({**self._base_key(), "attack": spec, "defense": defense.__dict__, "trial_seed": seed})
+        victim = self.victims.get(row)
+        extractor, extra = None, {}
+        if victim is not None and victim.transfer:
+            extractor, sha256 = self.extractors[row]
+            extra = {"extractor_sha256": sha256}
+        key = _digest({**self._base_key(), "attack": spec, "defense": defense.__dict__, "trial_seed": seed, **extra})
         path = self._result_path(row, defense.name, trial)
         if path.is_file():
             record = json.loads(path.read_text())
             if record.get("key") == key:
                 return record
-        model, data, accuracy = train_victim(self.config, defense, poisons, seed, self.out / "lightning")
+        model, data, accuracy = train_victim(self.config, defense, poisons, seed, self.out / "lightning",
+                                             victim=victim, extractor=extractor)
         self.executed += 1
         record = {"attack": row, "defense": defense.name, "trial": trial, "seed": seed, "key": key, "accuracy": accuracy,
                   "kind": None if poisons is None else poisons.kind, "success": None}
@@ -265,7 +454,8 @@ class Evaluation:
                 record["target_label"] = int(poisons.target_labels[0]) if poisons.target_labels is not None else None
                 record["adversarial_label"] = int(poisons.adversarial_labels[0])
             record["num_poisons"] = len(poisons)
-        _atomic_write(path, json.dumps(record, indent=1))
+        if _global_rank() == 0:
+            _atomic_write(path, json.dumps(record, indent=1))
         return record
 
     def run(self) -> list[dict]:
@@ -286,10 +476,28 @@ class Evaluation:
                 clean[defense.name] = record["accuracy"]
                 records.append(record)
             for row in rows:
+                if row in self.victims and self.victims[row].transfer:
+                    self._extractor(row, images, labels)
                 poisons = self._poisons(row, trial, seed, images, labels, test_images, test_labels, base.num_classes)
                 for defense in self.defenses:
                     records.append(self._run_cell(row, defense, trial, seed, poisons, clean[NO_DEFENSE]))
+        _barrier()  # rank 0 has written every result
         return records
+
+
+def _attack_args(spec: dict) -> dict:
+    """What determines an attack's poisons: its entry without the victim."""
+    return {k: v for k, v in spec.items() if k != "victim"}
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except Exception:  # noqa: BLE001 - a truncated or foreign file is simply stale
+        return {}
 
 
 def summarise(records: list[dict]) -> list[dict]:
@@ -368,4 +576,6 @@ def evaluate(config: EvaluationConfig) -> tuple[list[dict], str]:
     evaluation = Evaluation(config)
     records = evaluation.run()
     summary = summarise(records)
-    return summary, write_tables(summary, Path(config.output_dir))
+    if _global_rank() == 0:
+        return summary, write_tables(summary, Path(config.output_dir))
+    return summary, markdown_table(summary)

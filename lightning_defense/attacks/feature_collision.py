@@ -29,7 +29,10 @@ any extractor.
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -99,6 +102,18 @@ def fit_linear_head(features: Tensor, labels: Tensor, num_classes: int, *, steps
     return head
 
 
+def load_extractor(path: Union[str, Path], backbone: str = "small_cnn", backbone_kwargs: Optional[dict] = None, *,
+                   num_classes: int, in_chans: int) -> ImageClassifier:
+    """An :class:`ImageClassifier` whose backbone is read from a ``.safetensors`` state dict (never unpickled)."""
+    from safetensors.torch import load_file
+
+    from lightning_defense.callbacks.pretrained_init import load_backbone
+
+    model = ImageClassifier(backbone, num_classes=num_classes, in_chans=in_chans, backbone_kwargs=backbone_kwargs)
+    load_backbone(model.backbone, load_file(str(path)), reset_head=False, source=f"extractor_path {str(path)!r}")
+    return model.eval()
+
+
 class FeatureCollisionAttack(Attack):
     """Shared machinery of Poison Frogs and Bullseye Polytope: the extractor, the budget, the optimisation.
 
@@ -119,6 +134,9 @@ class FeatureCollisionAttack(Attack):
         extractor_epochs: Its epochs of clean training.
         extractor_lr: Its SGD learning rate.
         extractor_seed: Its seed.
+        extractor_path: A ``.safetensors`` file with the extractor's backbone ``state_dict`` (as
+            :meth:`save_extractor` writes it), loaded into ``backbone``/``backbone_kwargs`` instead of training
+            one; the transfer victim of :func:`~lightning_defense.attacks.evaluate` starts from the same file.
         progress: Show a progress bar.
 
     Raises:
@@ -131,7 +149,8 @@ class FeatureCollisionAttack(Attack):
     def __init__(self, eps: float = 16 / 255, norm: str = "linf", budget: float = 0.01, steps: int = 200,
                  lr: float = 0.1, beta: float = 0.0, extractor: Optional[ImageClassifier] = None,
                  backbone: str = "small_cnn", backbone_kwargs: Optional[dict] = None, extractor_epochs: int = 10,
-                 extractor_lr: float = 0.05, extractor_seed: int = 0, progress: bool = True) -> None:
+                 extractor_lr: float = 0.05, extractor_seed: int = 0, extractor_path: Optional[str] = None,
+                 progress: bool = True) -> None:
         super().__init__(eps, norm, budget, progress)
         for name, value in (("steps", steps), ("extractor_epochs", extractor_epochs)):
             if not isinstance(value, int) or value < 1:
@@ -144,19 +163,53 @@ class FeatureCollisionAttack(Attack):
                                           and hasattr(extractor.backbone, "forward_features")):
             raise ValueError(f"extractor must be an ImageClassifier whose backbone has forward_features; got "
                              f"{type(extractor).__name__}")
+        if extractor is not None and extractor_path is not None:
+            raise ValueError("give extractor= (a model) or extractor_path= (a .safetensors file), not both")
+        if extractor_path is not None and (Path(extractor_path).suffix != ".safetensors"
+                                           or not Path(extractor_path).is_file()):
+            raise ValueError(f"extractor_path must be an existing .safetensors file; got {extractor_path!r}")
+        self.extractor_path = None if extractor_path is None else str(extractor_path)
         self.steps, self.lr, self.beta = steps, float(lr), float(beta)
         self.extractor = extractor
         self.backbone, self.backbone_kwargs = backbone, backbone_kwargs
         self.extractor_epochs, self.extractor_lr, self.extractor_seed = extractor_epochs, extractor_lr, extractor_seed
 
     def feature_extractor(self, images: Tensor, labels: Tensor) -> ImageClassifier:
-        """The fixed extractor: the given one, or one trained on the clean split (seeded by ``extractor_seed``)."""
+        """The fixed extractor: the given one, the ``extractor_path`` file, or one trained on the clean split."""
+        if self.extractor is None and self.extractor_path is not None:
+            self.extractor = load_extractor(self.extractor_path, self.backbone, self.backbone_kwargs,
+                                            num_classes=max(int(labels.max()) + 1, 2), in_chans=images.shape[1])
         if self.extractor is None:
             self.extractor = train_surrogate(
                 images, labels, backbone=self.backbone, backbone_kwargs=self.backbone_kwargs,
                 epochs=self.extractor_epochs, lr=self.extractor_lr, seed=self.extractor_seed,
                 progress=self.progress, desc=f"{self.name}: feature extractor")
         return self.extractor.eval()
+
+    def save_extractor(self, path: Union[str, Path], images: Tensor, labels: Tensor,
+                       metadata: Optional[dict[str, str]] = None) -> Path:
+        """Write :meth:`feature_extractor`'s backbone ``state_dict`` to ``path`` (``.safetensors``, atomically).
+
+        :class:`~lightning_defense.callbacks.LinearProbe` (``checkpoint_path=path``) and ``extractor_path=path``
+        load it back.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"save_extractor: path must end in .safetensors; got {str(path)!r}")
+        model = self.feature_extractor(images, labels)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
 
     def collision_loss(self, features: Tensor, target_feature: Tensor) -> Tensor:
         """The feature term, divided by ``||f(x_t)||^2``: per poison (Poison Frogs) or of the mean (Bullseye)."""

@@ -8,11 +8,18 @@ so that the training gradient of the poisons points where the adversarial loss o
 with signed Adam (the sign of the gradient, then Adam), x0.1 learning-rate steps at 3/8, 5/8 and 7/8 of
 the steps, differentiable crop/flip augmentation of the poisons, ``restarts`` random starts (the lowest
 final alignment loss wins), and projection onto the eps-ball and the [0, 1] box after every step.
+
+Two options of Geiping's toolkit and of Sleeper Agent (Souri et al., NeurIPS 2022) make the poisons
+transfer to victims trained from scratch: an ``ensemble`` of surrogates trained with different seeds
+(the alignment loss is averaged over them) and ``retrain_rounds`` (the surrogates are retrained from
+scratch on the current poisoned training set at evenly spaced steps, and the target gradient recomputed).
+``selection="max_gradient"`` picks the candidate poisons with the largest surrogate gradient norm
+(Sleeper Agent's data selection) instead of at random.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +39,24 @@ from lightning_defense.attacks._common import (
 from lightning_defense.datamodules.poison import PoisonSet
 from lightning_defense.models.augment import random_crop_flip
 
+SELECTIONS = ("random", "max_gradient")
+
+# The gradient an attack wants its poisons to imitate, computed on one surrogate.
+TargetGradient = Callable[[torch.nn.Module], list[Tensor]]
+
+
+def goal_gradient(inputs: Tensor, wanted: Tensor):
+    """The attacker's goal gradient: ``model -> grad_theta CE(f(inputs), wanted)`` over the trainable parameters."""
+
+    def gradient(model) -> list[Tensor]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return list(torch.autograd.grad(F.cross_entropy(model(inputs), wanted), params))
+
+    return gradient
+
 
 class GradientMatchingAttack(Attack):
-    """Shared machinery of Witches' Brew and Sleeper Agent: surrogate, signed Adam, restarts.
+    """Shared machinery of Witches' Brew and Sleeper Agent: surrogates, signed Adam, restarts, retraining.
 
     Args:
         eps: Bound in [0, 1] pixel units (the papers: 16/255 in l_inf).
@@ -51,6 +73,12 @@ class GradientMatchingAttack(Attack):
         surrogate_epochs: Epochs of clean training of the surrogate.
         surrogate_lr: Its SGD learning rate.
         batch_size: Poisons per gradient-matching batch (the poison gradient is summed over batches).
+        ensemble: Surrogates trained with different seeds; the alignment loss is their mean (1 = the paper's
+            single model).
+        retrain_rounds: Times the surrogates are retrained from scratch on the current poisoned set during
+            each restart, evenly spaced over the steps (Sleeper Agent: 4; 0 = never).
+        selection: ``"random"`` candidates, or ``"max_gradient"``: those with the largest surrogate
+            gradient norm (Sleeper Agent's data selection).
         progress: Show a progress bar.
 
     Raises:
@@ -60,18 +88,24 @@ class GradientMatchingAttack(Attack):
     def __init__(self, eps: float = 16 / 255, norm: str = "linf", budget: float = 0.01, steps: int = 250,
                  restarts: int = 8, lr: float = 0.1, augment: bool = True, crop_padding: int = 2, flip: bool = False,
                  backbone: str = "small_cnn", backbone_kwargs: Optional[dict] = None, surrogate_epochs: int = 10,
-                 surrogate_lr: float = 0.05, batch_size: int = 128, progress: bool = True) -> None:
+                 surrogate_lr: float = 0.05, batch_size: int = 128, ensemble: int = 1, retrain_rounds: int = 0,
+                 selection: str = "random", progress: bool = True) -> None:
         super().__init__(eps, norm, budget, progress)
         for name, value in (("steps", steps), ("restarts", restarts), ("surrogate_epochs", surrogate_epochs),
-                            ("batch_size", batch_size)):
-            if not isinstance(value, int) or value < 1:
+                            ("batch_size", batch_size), ("ensemble", ensemble)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+        if not isinstance(retrain_rounds, int) or isinstance(retrain_rounds, bool) or not 0 <= retrain_rounds < steps:
+            raise ValueError(f"retrain_rounds must be an int in [0, steps) = [0, {steps}); got {retrain_rounds!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r}")
         if not lr > 0:
             raise ValueError(f"lr (a fraction of eps) must be > 0; got {lr!r}")
         self.steps, self.restarts, self.lr = steps, restarts, lr
         self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
         self.backbone, self.backbone_kwargs = backbone, backbone_kwargs
         self.surrogate_epochs, self.surrogate_lr, self.batch_size = surrogate_epochs, surrogate_lr, batch_size
+        self.ensemble, self.retrain_rounds, self.selection = ensemble, retrain_rounds, selection
 
     def surrogate(self, images: Tensor, labels: Tensor, seed: int):
         """The attacker's model, trained on ``(images, labels)``."""
@@ -79,22 +113,59 @@ class GradientMatchingAttack(Attack):
                                epochs=self.surrogate_epochs, lr=self.surrogate_lr, crop_padding=self.crop_padding,
                                flip=self.flip, seed=seed, progress=self.progress, desc=f"{self.name}: surrogate")
 
-    def match(self, model, clean: Tensor, labels: Tensor, target_grad: list[Tensor], generator: torch.Generator,
-              desc: str) -> tuple[Tensor, float]:
-        """Optimise delta for ``clean`` poisons to align their gradient with ``target_grad``; best of restarts."""
+    def surrogates(self, images: Tensor, labels: Tensor, seed: int) -> list:
+        """``ensemble`` surrogates, the k-th trained with seed ``seed + k``."""
+        return [self.surrogate(images, labels, seed + k) for k in range(self.ensemble)]
+
+    def select(self, model, images: Tensor, labels: Tensor, candidates: Tensor, count: int,
+               generator: torch.Generator, what: str) -> Tensor:
+        """``count`` poison indices among ``candidates``: at random, or by largest gradient norm on ``model``."""
+        if self.selection == "random" or count > len(candidates):
+            return budget_indices(candidates, count, generator, what)
         params = [p for p in model.parameters() if p.requires_grad]
-        target_norm = torch.sqrt(sum((g * g).sum() for g in target_grad))
+        norms = torch.empty(len(candidates))
+        for row, index in enumerate(candidates.tolist()):
+            loss = F.cross_entropy(model(images[index:index + 1].float()), labels[index:index + 1])
+            grads = torch.autograd.grad(loss, params)
+            norms[row] = torch.sqrt(sum((g * g).sum() for g in grads))
+        return candidates[norms.argsort(descending=True, stable=True)[:count]].sort().values
+
+    def brew(self, images: Tensor, labels: Tensor, indices: Tensor, target_gradient: TargetGradient,
+             models: list, generator: torch.Generator, seed: int, desc: str = "gradient matching") -> tuple[Tensor, float]:
+        """Optimise delta for ``images[indices]``; retrain the surrogates ``retrain_rounds`` times; best of restarts.
+
+        Args:
+            images, labels: The clean training split.
+            indices: The poisoned rows.
+            target_gradient: Gradient the poisons should align with, computed on one surrogate.
+            models: The clean surrogates (each restart starts from them).
+            generator: Seeds the random starts and the augmentation.
+            seed: Base seed of the retrained surrogates.
+            desc: Progress-bar label.
+
+        Returns:
+            ``(delta, final alignment loss)`` of the best restart.
+        """
+        clean = images[indices].float()
+        poison_labels = labels[indices]
+        retrain_at = {round(self.steps * (r + 1) / (self.retrain_rounds + 1)) for r in range(self.retrain_rounds)}
         best, best_loss = None, float("inf")
         with self._bar(self.restarts * self.steps, desc) as bar:
-            for _ in range(self.restarts):
+            for restart in range(self.restarts):
+                current = list(models)
+                targets = [self._target(m, target_gradient) for m in current]
                 delta = project((torch.rand(clean.shape, generator=generator) * 2 - 1) * self.eps, clean, self.eps, self.norm)
                 delta.requires_grad_(True)
                 optimizer = torch.optim.Adam([delta], lr=self.lr * self.eps)
                 milestones = [round(self.steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
                 scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
-                for _ in range(self.steps):
-                    loss = self._alignment_loss(model, params, clean, delta, labels, target_grad, target_norm,
-                                                generator if self.augment else None)
+                for step in range(self.steps):
+                    if step in retrain_at:
+                        poisoned = images.clone()
+                        poisoned[indices] = (clean + delta).detach()
+                        current = self.surrogates(poisoned, labels, seed + 1009 * (restart * self.steps + step + 1))
+                        targets = [self._target(m, target_gradient) for m in current]
+                    loss = self._ensemble_loss(current, targets, clean, delta, poison_labels, generator if self.augment else None)
                     (grad,) = torch.autograd.grad(loss, delta)
                     delta.grad = grad.sign()
                     optimizer.step()
@@ -103,10 +174,21 @@ class GradientMatchingAttack(Attack):
                         delta.copy_(project(delta, clean, self.eps, self.norm))
                     bar.update()
                     bar.set_postfix(loss=f"{loss.item():.3f}")
-                final = self._alignment_loss(model, params, clean, delta, labels, target_grad, target_norm, None).item()
+                final = self._ensemble_loss(current, targets, clean, delta, poison_labels, None).item()
                 if final < best_loss:
                     best, best_loss = delta.detach().clone(), final
         return best, best_loss
+
+    @staticmethod
+    def _target(model, target_gradient: TargetGradient) -> tuple[list[Tensor], Tensor]:
+        grads = [g.detach() for g in target_gradient(model)]
+        return grads, torch.sqrt(sum((g * g).sum() for g in grads))
+
+    def _ensemble_loss(self, models, targets, clean, delta, labels, generator) -> Tensor:
+        """Mean over the surrogates of the alignment loss."""
+        losses = [self._alignment_loss(m, [p for p in m.parameters() if p.requires_grad], clean, delta, labels,
+                                       grad, norm, generator) for m, (grad, norm) in zip(models, targets)]
+        return torch.stack(losses).mean()
 
     def _alignment_loss(self, model, params, clean, delta, labels, target_grad, target_norm, generator) -> Tensor:
         """1 - cosine similarity of the poison-batch gradient and the target gradient (summed over batches)."""
@@ -145,15 +227,17 @@ class WitchesBrew(GradientMatchingAttack):
         goal = require_goal(self, goal, "target_image", "adversarial_label")
         generator = torch.Generator().manual_seed(int(seed))
         candidates = (labels == goal.adversarial_label).nonzero().flatten()
-        indices = budget_indices(candidates, budget_count(self.budget, len(images)), generator,
-                                 f"training images of the adversarial class {goal.adversarial_label}")
-        model = self.surrogate(images, labels, seed)
-        params = [p for p in model.parameters() if p.requires_grad]
+        count = budget_count(self.budget, len(images))
+        what = f"training images of the adversarial class {goal.adversarial_label}"
+        if count > len(candidates):
+            budget_indices(candidates, count, generator, what)  # raises, naming the shortfall
+        models = self.surrogates(images, labels, seed)
+        indices = self.select(models[0], images, labels, candidates, count, generator, what)
         target = goal.target_image[None].float()
         adversarial = torch.tensor([goal.adversarial_label])
-        target_grad = [g.detach() for g in torch.autograd.grad(F.cross_entropy(model(target), adversarial), params)]
+
+        delta, loss = self.brew(images, labels, indices, goal_gradient(target, adversarial), models, generator, seed)
         clean = images[indices].float()
-        delta, loss = self.match(model, clean, labels[indices], target_grad, generator, "gradient matching")
         return poison_set(
             indices, clean + delta, labels[indices], self,
             target_images=target, target_labels=torch.tensor([int(goal.target_label if goal.target_label is not None else -1)]),

@@ -8,6 +8,7 @@ and works under DDP.
 from lightning_defense.callbacks.adversarial_training import AdversarialTraining, pgd_attack
 from lightning_defense.callbacks.dp_sgd import DPSGD
 from lightning_defense.callbacks.friends_noise import FriendsNoise, generate_friendly_noise
+from lightning_defense.callbacks.linear_probe import LinearProbe
 from lightning_defense.callbacks.pretrained_init import PretrainedInit
 from lightning_defense.callbacks.warm_start import WarmStart
 
@@ -15,6 +16,7 @@ __all__ = [
     "AdversarialTraining",
     "DPSGD",
     "FriendsNoise",
+    "LinearProbe",
     "PretrainedInit",
     "WarmStart",
     "generate_friendly_noise",

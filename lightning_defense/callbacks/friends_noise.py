@@ -18,15 +18,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from lightning_defense.datamodules._base import unpack_batch
+from lightning_defense.datamodules._base import dataset_tensors, unpack_batch
+from lightning_defense.datamodules._cache import ChunkCache, fill_cache, fingerprint
 
 NOISE_TYPES = ("bernoulli", "uniform", "gaussian")
 _FILE_FORMAT = "friends-int8-v1"
 _LEVELS = 127  # int8 storage: friendly noise in units of zeta / 127
+_CODE_VERSION = "friends-chunks-v1"  # part of the cache key: bump when Algorithm 1's code changes its output
 
 
 def per_sample_uniform(seed: int, indices: Tensor, shape: tuple[int, ...], bound: float) -> Tensor:
@@ -119,8 +121,15 @@ class FriendsNoise(Callback):
       noise, in [0, 1] pixel space, clamped to [0, 1] (Algorithm 2). This happens in
       ``on_train_batch_start``, before the model's augmentation and normalisation.
 
-    The noise is saved in the checkpoint (``state_dict``), so a resumed run neither regenerates nor loses
-    it; :meth:`save` / ``noise_file`` move it to another run or architecture (the paper's transfer).
+    Generation writes atomic int8 chunks of ``chunk_size`` samples into ``noise_dir/friends-<key>/`` (a
+    manifest last), where the key hashes everything that determines the noise: the model's weights at
+    ``begin_epoch``, the training images, zeta, steps, lr, lam, init_eps, batch_size, seed, chunk size and
+    the code version. A generation that was killed resumes from its finished chunks and gives the same
+    tensor. Under DDP the ranks compute alternate chunks, global rank 0 writes them all, and every rank
+    then reads the whole tensor back (the directory must be on a filesystem all ranks see, like the
+    checkpoint). The checkpoint holds only a reference (path and SHA-256 digest) to this side file, so a
+    resumed run reads it back instead of regenerating; :meth:`save` / ``noise_file`` move the noise to
+    another run or architecture (the paper's transfer).
 
     Batches must be ``(images, labels, indices)``; the LightningModule's ``forward`` must take images in
     [0, 1] (``ImageClassifier`` does).
@@ -141,9 +150,16 @@ class FriendsNoise(Callback):
         noise_file: A ``.safetensors`` file written by :meth:`save`; when given, it is used instead of
             generating (e.g. noise generated with a smaller architecture).
         save_file: Where to write the generated noise (global rank 0), for reuse with ``noise_file``.
+        noise_dir: Root of the chunked friendly-noise caches (default ``<default_root_dir>/friendly_noise``).
+        chunk_size: Samples per chunk file (256), rounded up to a multiple of ``batch_size``; the unit of
+            resumption and of the progress bar.
+        regenerate_missing: On resume, when the checkpoint's side file is gone, generate new friendly noise
+            with the resumed model instead of raising (the noise then differs from the original run's).
 
     Raises:
         ValueError: On an argument out of range or an unknown ``noise_type``.
+        FileNotFoundError: At resume, when the checkpoint's friendly noise side file is missing (unless
+            ``regenerate_missing``).
 
     Example::
 
@@ -165,6 +181,9 @@ class FriendsNoise(Callback):
         seed: int = 0,
         noise_file: Optional[Union[str, Path]] = None,
         save_file: Optional[Union[str, Path]] = None,
+        noise_dir: Optional[Union[str, Path]] = None,
+        chunk_size: int = 256,
+        regenerate_missing: bool = False,
     ) -> None:
         if not isinstance(begin_epoch, int) or begin_epoch < 0:
             raise ValueError(f"begin_epoch must be an integer >= 0; got {begin_epoch!r}")
@@ -184,6 +203,8 @@ class FriendsNoise(Callback):
             raise ValueError(f"init_eps must be in [0, zeta={zeta}]; got {init_eps}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an integer >= 1 (samples per chunk file); got {chunk_size!r}")
         if noise_file is not None and not Path(noise_file).is_file():
             raise FileNotFoundError(f"noise_file {str(noise_file)!r} does not exist; write one with FriendsNoise.save()")
         self.begin_epoch = begin_epoch
@@ -198,7 +219,11 @@ class FriendsNoise(Callback):
         self.seed = int(seed)
         self.noise_file = noise_file
         self.save_file = save_file
+        self.noise_dir = None if noise_dir is None else Path(noise_dir)
+        self.chunk_size = math.ceil(chunk_size / batch_size) * batch_size  # batches never straddle two chunks
+        self.regenerate_missing = bool(regenerate_missing)
         self._noise: Optional[Tensor] = None  # int8 (N, C, H, W) on the CPU, units of zeta / 127
+        self._source: Optional[dict[str, Any]] = None  # where the noise lives on disk: the checkpoint's reference
         self._noise_on_device: Optional[Tensor] = None
         self._generator: Optional[torch.Generator] = None
         if noise_file is not None:
@@ -218,12 +243,49 @@ class FriendsNoise(Callback):
 
     # ---------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
-        return {"friendly_noise": self._noise, "zeta": self.zeta}
+        """A reference to the side file (path, kind, digest), not the tensor.
+
+        Noise that has no side file (set in memory, or read from an old checkpoint that embedded it) is
+        embedded as before.
+        """
+        if self._noise is not None and self._source is None:
+            return {"friendly_noise": self._noise, "zeta": self.zeta}
+        return {"friendly_noise_source": self._source, "zeta": self.zeta}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        noise = state_dict.get("friendly_noise")
+        """Read the friendly noise back from the side file the checkpoint names (or from the checkpoint itself).
+
+        Raises:
+            FileNotFoundError: The side file is gone and ``regenerate_missing`` is False.
+            ValueError: The side file's content does not match the checkpoint's digest, or zeta differs.
+        """
+        self._check_zeta(state_dict.get("zeta", self.zeta), "the checkpoint")
+        source = state_dict.get("friendly_noise_source")
+        if source is not None:
+            try:
+                noise = _read_source(source)
+            except FileNotFoundError as error:
+                if not self.regenerate_missing:
+                    raise FileNotFoundError(
+                        f"the checkpoint's friendly noise lives in {source['path']!r}, which is missing or incomplete "
+                        f"({error}). Copy that {'directory' if source['kind'] == 'chunks' else 'file'} back, or pass "
+                        "FriendsNoise(regenerate_missing=True) to generate new friendly noise with the resumed model"
+                    ) from error
+                rank_zero_warn(
+                    f"FriendsNoise: the friendly noise side file {source['path']!r} is missing; regenerating it with "
+                    "the resumed model (regenerate_missing=True), so it will differ from the original run's"
+                )
+                self._noise, self._source, self._noise_on_device = None, None, None
+                return
+            if fingerprint(noise) != source["digest"]:
+                raise ValueError(
+                    f"the friendly noise in {source['path']!r} does not match the checkpoint's digest: it was "
+                    "overwritten or corrupted; restore the original, or delete it and pass regenerate_missing=True"
+                )
+            self._set_noise(noise, source)
+            return
+        noise = state_dict.get("friendly_noise")  # checkpoints written before the side file embed the tensor
         if noise is not None:
-            self._check_zeta(state_dict.get("zeta", self.zeta), "the checkpoint")
             self._set_noise(noise)
 
     def save(self, path: Union[str, Path]) -> None:
@@ -240,25 +302,40 @@ class FriendsNoise(Callback):
 
     def load(self, path: Union[str, Path]) -> None:
         """Read friendly noise written by :meth:`save` (possibly by another architecture's run)."""
-        from safetensors import safe_open
+        noise, zeta = _read_noise_file(path)
+        self._check_zeta(zeta, repr(str(path)))
+        noise = noise.contiguous()
+        self._set_noise(noise, {"kind": "file", "path": str(Path(path).resolve()), "digest": fingerprint(noise)})
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != _FILE_FORMAT or "friendly_noise" not in f.keys():
-                raise ValueError(f"{str(path)!r} is not a FriendsNoise file (format {_FILE_FORMAT!r} with key 'friendly_noise')")
-            noise = f.get_tensor("friendly_noise")
-        self._check_zeta(float(metadata["zeta"]), repr(str(path)))
-        if noise.dtype != torch.int8 or noise.ndim != 4:
-            raise ValueError(f"{str(path)!r}: friendly_noise must be int8 (N, C, H, W); got {noise.dtype} {tuple(noise.shape)}")
-        self._set_noise(noise)
+    def noise_cache(self, pl_module: torch.nn.Module, images: Tensor, root: Union[str, Path]) -> ChunkCache:
+        """The chunk cache of the friendly noise for this model and these training images; computes nothing.
+
+        Its key hashes the code version, the images, the model's weights and buffers, zeta, steps, lr, lam,
+        init_eps, batch_size, seed and the chunk size.
+        """
+        weights = pl_module.state_dict()
+        # fingerprint() cannot hash 0-d tensors (BatchNorm's num_batches_tracked): hash each flat, with its shape
+        model_key = fingerprint(
+            *[part for name in sorted(weights) for part in (name, list(weights[name].shape), weights[name].reshape(-1))]
+        )
+        settings = {
+            "zeta": self.zeta, "steps": self.steps, "lr": self.lr, "lam": self.lam, "init_eps": self.init_eps,
+            "batch_size": self.batch_size, "seed": self.seed, "chunk_size": self.chunk_size,
+        }
+        key = fingerprint(_CODE_VERSION, images, model_key, settings)
+        meta = {"code_version": _CODE_VERSION, "model": model_key, "key": key, **settings}
+        return ChunkCache(
+            Path(root) / f"friends-{key[:20]}", len(images), tuple(images.shape[1:]), "int8", self.chunk_size, meta
+        )
 
     def _check_zeta(self, zeta: float, source: str) -> None:
         if not math.isclose(zeta, self.zeta, rel_tol=1e-6):
             raise ValueError(f"the friendly noise in {source} was generated with zeta={zeta}; this FriendsNoise has zeta={self.zeta}")
 
-    def _set_noise(self, noise: Tensor) -> None:
+    def _set_noise(self, noise: Tensor, source: Optional[dict[str, Any]] = None) -> None:
         self._noise = noise.to("cpu", torch.int8).contiguous()
         self._noise_on_device = None
+        self._source = source  # None: no side file, so state_dict embeds the tensor
 
     # ---------------------------------------------------------------- hooks
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -268,8 +345,7 @@ class FriendsNoise(Callback):
             return
         dataset = _train_dataset(trainer)
         if self._noise is None:
-            self._noise = self._generate(trainer, pl_module, dataset)
-            self._noise_on_device = None
+            self._generate(trainer, pl_module, dataset)
             if self.save_file is not None:
                 if trainer.global_rank == 0:
                     self.save(self.save_file)
@@ -326,48 +402,110 @@ class FriendsNoise(Callback):
         return torch.randn(x.shape, generator=self._generator, device=x.device, dtype=x.dtype).mul_(mu)
 
     def _generate(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset: Optional[Dataset]) -> Tensor:
-        """Run Algorithm 1 over the training set; batches ``b = rank, rank + world, ...`` on each rank."""
+        """Run Algorithm 1 over the training set into the chunk cache (resuming it); hold and return the int8 noise.
+
+        Every rank computes every ``world_size``-th missing chunk, global rank 0 writes them (see
+        :func:`~lightning_defense.datamodules._cache.fill_cache`), then every rank reads the whole cache.
+        """
         if dataset is None:
             raise RuntimeError(
                 "FriendsNoise could not find the training set: give the datamodule a train_set attribute "
                 "or train from a DataLoader whose .dataset yields (image, label, index)"
             )
-        from tqdm.auto import tqdm
-
-        n, world, rank = len(dataset), trainer.world_size, trainer.global_rank
-        num_batches = math.ceil(n / self.batch_size)
-        mine = [b for b in range(num_batches) if b % world == rank]
-        positions = [i for b in mine for i in range(b * self.batch_size, min((b + 1) * self.batch_size, n))]
-        loader = DataLoader(Subset(dataset, positions), batch_size=self.batch_size, shuffle=False)
-        rank_zero_info(f"FriendsNoise: generating friendly noise for {n} samples at epoch {trainer.current_epoch}")
+        images = dataset_tensors(dataset)[0]
+        _share_rank_zero_state(pl_module)
+        root = self.noise_dir if self.noise_dir is not None else Path(trainer.default_root_dir) / "friendly_noise"
+        cache = self.noise_cache(pl_module, images, root)
+        key = trainer.strategy.broadcast(cache.meta["key"], src=0)
+        if key != cache.meta["key"]:
+            raise RuntimeError(
+                f"FriendsNoise: rank {trainer.global_rank} holds other training images (or another model) than rank 0 "
+                "at generation time; every rank's datamodule must give the same train_set"
+            )
+        done = len(cache.ranges) - len(cache.missing())
+        if cache.is_complete():
+            rank_zero_info(f"FriendsNoise: reusing the friendly noise in {cache.directory}")
+        else:
+            rank_zero_info(
+                f"FriendsNoise: generating friendly noise for {len(images)} samples at epoch {trainer.current_epoch} "
+                f"into {cache.directory}" + (f" (resuming: {done}/{len(cache.ranges)} chunks done)" if done else "")
+            )
         was_training = pl_module.training
         pl_module.eval()
-        chunks = []
-        try:
-            offset = 0
-            for batch in tqdm(loader, desc="FRIENDS friendly noise", disable=rank != 0):
-                x, _, _ = unpack_batch(batch)
-                x = x.to(pl_module.device, torch.float32)
-                idx = torch.as_tensor(positions[offset : offset + len(x)])
-                offset += len(x)
-                eps = generate_friendly_noise(
-                    pl_module, x, idx, zeta=self.zeta, steps=self.steps, lr=self.lr, lam=self.lam,
-                    init_eps=self.init_eps, seed=self.seed, loss_scale=float(self.batch_size),
-                )
-                chunks.append(_quantize(eps, self.zeta))
+        try:  # every rank calls it (it follows rank 0's view of the disk); a no-op but a barrier when complete
+            fill_cache(cache, lambda start, stop: self._friendly_range(pl_module, images, start, stop),
+                       desc="FRIENDS friendly noise")
         finally:
             pl_module.train(was_training)
-        sample_shape = tuple(chunks[0].shape[1:]) if chunks else tuple(dataset[0][0].shape)
-        local = torch.cat(chunks) if chunks else torch.zeros((0, *sample_shape), dtype=torch.int8, device=pl_module.device)
-        if world == 1:
-            return local.cpu()
-        per_rank = math.ceil(num_batches / world) * self.batch_size
-        padded = torch.zeros((per_rank, *sample_shape), dtype=torch.int8, device=local.device)
-        padded[: len(local)] = local
-        gathered = trainer.strategy.all_gather(padded)  # (world, per_rank, C, H, W)
-        # row j * batch_size + k of rank r is sample (j * world + r) * batch_size + k
-        ordered = gathered.view(world, -1, self.batch_size, *sample_shape).transpose(0, 1)
-        return ordered.reshape(-1, *sample_shape)[:n].cpu().contiguous()
+        if not cache.is_complete():
+            raise RuntimeError(
+                f"FriendsNoise: rank {trainer.global_rank} cannot see the friendly noise that rank 0 wrote to "
+                f"{cache.directory}; set noise_dir to a directory on a filesystem that every rank shares"
+            )
+        noise = _read_chunks(cache)
+        self._set_noise(noise, source={
+            "kind": "chunks", "path": str(cache.directory.resolve()), "digest": fingerprint(noise),
+            "num_samples": cache.num_samples, "sample_shape": list(cache.sample_shape), "chunk_size": cache.chunk_size,
+        })
+        return noise
+
+    def _friendly_range(self, pl_module: torch.nn.Module, images: Tensor, start: int, stop: int) -> np.ndarray:
+        """Friendly noise of samples ``[start, stop)`` as int8, in batches aligned to ``batch_size``."""
+        out = []
+        for first in range(start, stop, self.batch_size):
+            last = min(first + self.batch_size, stop)
+            x = images[first:last].to(pl_module.device, torch.float32)
+            eps = generate_friendly_noise(
+                pl_module, x, torch.arange(first, last), zeta=self.zeta, steps=self.steps, lr=self.lr, lam=self.lam,
+                init_eps=self.init_eps, seed=self.seed, loss_scale=float(self.batch_size),
+            )
+            out.append(_quantize(eps, self.zeta).cpu().numpy())
+        return np.concatenate(out)
+
+
+def _share_rank_zero_state(model: torch.nn.Module) -> None:
+    """Under DDP, copy rank 0's parameters and buffers to every rank.
+
+    BatchNorm's running statistics drift apart per rank between DDP's buffer broadcasts; generating with
+    rank 0's everywhere (which DDP's next forward would broadcast anyway) makes the noise one model's.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+
+def _read_chunks(cache: ChunkCache) -> Tensor:
+    return torch.from_numpy(np.concatenate([np.asarray(chunk) for chunk in cache.load().chunks]))
+
+
+def _read_noise_file(path: Union[str, Path]) -> tuple[Tensor, float]:
+    """``(int8 noise, zeta)`` from a file written by :meth:`FriendsNoise.save`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != _FILE_FORMAT or "friendly_noise" not in f.keys():
+            raise ValueError(f"{str(path)!r} is not a FriendsNoise file (format {_FILE_FORMAT!r} with key 'friendly_noise')")
+        noise = f.get_tensor("friendly_noise")
+    if noise.dtype != torch.int8 or noise.ndim != 4:
+        raise ValueError(f"{str(path)!r}: friendly_noise must be int8 (N, C, H, W); got {noise.dtype} {tuple(noise.shape)}")
+    return noise, float(metadata["zeta"])
+
+
+def _read_source(source: dict[str, Any]) -> Tensor:
+    """The int8 noise a checkpoint's reference points to (raises FileNotFoundError when it is gone)."""
+    path = Path(source["path"])
+    if source["kind"] == "file":
+        if not path.is_file():
+            raise FileNotFoundError(f"no file {str(path)!r}")
+        return _read_noise_file(path)[0]
+    cache = ChunkCache(path, source["num_samples"], tuple(source["sample_shape"]), "int8", source["chunk_size"])
+    missing = cache.missing()
+    if not cache.is_complete() or missing:
+        raise FileNotFoundError(f"{str(path)!r} lacks its manifest or chunks {missing}")
+    return _read_chunks(cache)
 
 
 def _train_dataset(trainer: L.Trainer) -> Optional[Dataset]:

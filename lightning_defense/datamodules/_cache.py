@@ -25,6 +25,8 @@ from torch.utils.data import Dataset
 
 MANIFEST = "manifest.json"
 STORAGE_DTYPES = {"uint8": np.uint8, "float16": np.float16}
+# What a ChunkCache can hold: the image storage formats, and int8 (FRIENDS' friendly noise in units of zeta/127).
+CHUNK_DTYPES = {**STORAGE_DTYPES, "int8": np.int8}
 
 
 def fingerprint(*parts: Any) -> str:
@@ -60,7 +62,7 @@ class ChunkCache:
         directory: The directory of this key (created on the first write).
         num_samples: Samples in the whole array.
         sample_shape: Shape of one sample's output.
-        storage: ``uint8`` or ``float16``.
+        storage: ``uint8`` or ``float16`` (images), or ``int8``.
         chunk_size: Samples per chunk file.
         meta: What the key was made from; written into the manifest for people to read.
     """
@@ -74,8 +76,8 @@ class ChunkCache:
         chunk_size: int = 4096,
         meta: Optional[dict] = None,
     ) -> None:
-        if storage not in STORAGE_DTYPES:
-            raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}; got {storage!r}")
+        if storage not in CHUNK_DTYPES:
+            raise ValueError(f"storage must be one of {sorted(CHUNK_DTYPES)}; got {storage!r}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
         self.directory = Path(directory)
@@ -104,7 +106,7 @@ class ChunkCache:
         """Write one chunk atomically: a temporary file, then ``os.replace``."""
         start, stop = self.ranges[chunk]
         expected = (stop - start, *self.sample_shape)
-        if array.shape != expected or array.dtype != STORAGE_DTYPES[self.storage]:
+        if array.shape != expected or array.dtype != CHUNK_DTYPES[self.storage]:
             raise ValueError(f"chunk {chunk} must be {expected} {self.storage}; got {array.shape} {array.dtype}")
         self.directory.mkdir(parents=True, exist_ok=True)
         target = self.chunk_path(chunk)

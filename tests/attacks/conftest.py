@@ -4,6 +4,15 @@ import torch
 from lightning_defense.datamodules import DigitsDataModule
 
 
+@pytest.fixture
+def one_thread():
+    """Crafting runs many tiny double-backward passes: one thread is faster on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits16():
     """The digits at 16x16: (train images, train labels, test images, test labels)."""
@@ -41,3 +50,23 @@ def check_targeted_poisons(attack, x, y, eps, norm):
     assert torch.equal(poisons.target_images[0], goal.target_image)
     again = attack.craft(x, y, goal=goal, seed=0)
     assert torch.equal(again.images, poisons.images) and torch.equal(again.indices, poisons.indices)
+
+
+def check_backdoor_poisons(attack, x, y, eps, norm, count):
+    """Shared checks of a backdoor attack: bound, budget, target-class poisons, trigger fields, seeding."""
+    goal = attack.sample_goal(x, y, num_classes=10, seed=4)
+    assert goal.source_class != goal.target_class
+    poisons = attack.craft(x, y, goal=goal, seed=0)
+    assert len(poisons) == count and (poisons.labels == goal.target_class).all()
+    assert (y[poisons.indices] == goal.target_class).all()
+    poisons.validate(x, y)
+    linf, l2 = poisons.perturbation_norms(x)
+    assert (linf if norm == "linf" else l2).max() <= eps + 1e-5
+    assert linf.min() > 0
+    assert poisons.kind == "backdoor"
+    assert (poisons.source_class, poisons.target_class) == (goal.source_class, goal.target_class)
+    assert poisons.trigger is not None and poisons.trigger.shape[0] == x.shape[1]
+    again = attack.craft(x, y, goal=goal, seed=0)
+    assert torch.equal(again.images, poisons.images) and torch.equal(again.indices, poisons.indices)
+    assert torch.equal(again.trigger, poisons.trigger)
+    return goal, poisons

@@ -115,6 +115,26 @@ def test_configuration_errors(tmp_path):
         Evaluation(tiny_config(tmp_path, attacks=[{"name": "a", "class_path": "lightning_defense.attacks.AttackSuccessRate"}]))
 
 
+def test_victim_configuration_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"attacks\[0\] \(urp\).victim: unknown keys \['modle'\]"):
+        Evaluation(tiny_config(tmp_path, attacks=[{**URP, "victim": {"modle": {}}}]))
+    with pytest.raises(ValueError, match=r"victim.transfer must be a bool; got 'yes'"):
+        Evaluation(tiny_config(tmp_path, attacks=[{**URP, "victim": {"transfer": "yes"}}]))
+    with pytest.raises(ValueError, match="victim.transfer needs an attack with a fixed feature extractor.*"
+                                         "UniversalRandomPerturbation has none"):
+        Evaluation(tiny_config(tmp_path, attacks=[{**URP, "victim": {"transfer": True}}]))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").rglob("evaluate*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_evaluate_configs_build(path):
+    """Every ``evaluate`` config parses and builds its attacks, defenses and victims (no data is read)."""
+    from lightning_defense.attacks._commands import evaluation_config
+
+    evaluation = Evaluation(evaluation_config(["--config", str(path)]))
+    assert evaluation.attacks and len(evaluation.defenses) >= 2
+
+
 def test_poison_command_is_seeded_and_reproducible(tmp_path, capsys):
     config = tmp_path / "poison.yaml"
     config.write_text(yaml.safe_dump({"data": DATA, "attack": {k: v for k, v in WB.items() if k != "name"}, "seed": 3}))
@@ -162,3 +182,60 @@ def test_backdoor_success_counts_triggered_source_images():
     assert attack_success(PatchDetector(), poisons, IndexedDataset(images, labels), 1.0, 1.0) == 1.0
     poisons.metadata["trigger_xy"] = "0,0"  # the detector looks bottom-right: a top-left trigger fails
     assert attack_success(PatchDetector(), poisons, IndexedDataset(images, labels), 1.0, 1.0) == 0.0
+
+
+def _ddp_config(tmp_path, name, devices):
+    """One trial of URP at 8x8 with a BatchNorm-free, augmentation-free victim (see the DDP test)."""
+    config = {
+        "data": {"class_path": "lightning_defense.datamodules.DigitsDataModule",
+                 "init_args": {"image_size": 8, "batch_size": 64, "val_fraction": 0.1, "test_fraction": 0.2}},
+        "attacks": [URP], "defenses": [], "trials": 1, "seed": 0, "progress": False,
+        "output_dir": str(tmp_path / name),
+        "model": {"backbone": "small_cnn", "backbone_kwargs": {"width": 8, "norm": "group"}, "lr": 0.1,
+                  "crop_padding": 0, "flip": False},
+        "trainer": {"accelerator": "cpu", "devices": devices, "max_epochs": 1,
+                    "limit_val_batches": 0, **({"strategy": "ddp"} if devices > 1 else {})},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_evaluate_under_two_process_ddp_matches_one_process(tmp_path):
+    """``evaluate`` with ``strategy: ddp, devices: 2`` (gloo) gives the 1-process table, and resumes.
+
+    Each rank trains on half of every 1-process batch (DDP averages the halves' gradients into the full
+    batch's), the victim has no BatchNorm and no random crop (their per-rank statistics and draws are the
+    only things that differ by construction), and the test accuracy is reduced over both ranks' halves of
+    the test split. What is left is floating-point summation order, hence the small tolerance.
+    """
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    main(["evaluate", "--config", str(_ddp_config(tmp_path, "one", 1))])
+    one = json.loads((tmp_path / "one" / "table.json").read_text())
+    cmd = [sys.executable, "-m", "lightning_defense.cli", "evaluate", "--config", str(_ddp_config(tmp_path, "two", 2))]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "victims trained with DDP on 2 processes" in output
+    assert output.count("| attack | kind | none |") == 1  # only rank 0 prints the table
+    two = json.loads((tmp_path / "two" / "table.json").read_text())
+    assert [(s["attack"], s["defense"]) for s in two] == [(s["attack"], s["defense"]) for s in one]
+    for a, b in zip(one, two):
+        assert b["accuracy_mean"] == pytest.approx(a["accuracy_mean"], abs=0.01), (a, b)
+        if a["success_mean"] is not None:
+            assert b["success_mean"] == pytest.approx(a["success_mean"], abs=0.01), (a, b)
+    assert one[0]["accuracy_mean"] > 0.2  # the victim learned something: the comparison is not vacuous
+
+    # Resume under DDP: the clean result is kept, the deleted URP result is trained again (by both ranks).
+    clean, urp = (tmp_path / "two" / "trials" / row / "none" / "trial_0000.json" for row in ("clean", "urp"))
+    clean_stat, urp_record = clean.stat().st_mtime_ns, json.loads(urp.read_text())
+    urp.unlink()
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "victims trained with DDP on 2 processes" in proc.stdout
+    assert clean.stat().st_mtime_ns == clean_stat and json.loads(urp.read_text()) == urp_record

@@ -129,3 +129,76 @@ def test_argument_errors(small_split):
     goal = AttackGoal(x[0], int(y[0]), int((y[0] + 1) % 10))
     with pytest.raises(ValueError, match=r"budget asks for 100 poisons but only \d+ training images of the adversarial"):
         attack.craft(x, y, goal=goal, seed=0)
+
+
+class UniformNoiseControl(BullseyePolytope):
+    """The control of the transfer evaluation: Bullseye's budget and bound, uniform noise instead of collision."""
+
+    name = "noise_control"
+
+    def collide(self, model, clean, target):
+        generator = torch.Generator().manual_seed(len(clean))
+        delta = (torch.rand(clean.shape, generator=generator) * 2 - 1) * self.eps
+        return project(delta, clean, self.eps, self.norm), float("nan")
+
+
+def test_evaluate_with_a_transfer_victim(extractor, tmp_path, monkeypatch):
+    """``evaluate`` trains the transfer victim: the attack's extractor, frozen (BatchNorm included), a new head.
+
+    Bullseye's extractor is trained and written by the harness (``output_dir/extractors``); the control
+    reads the same network from a user-given ``extractor_path``. Bullseye must flip targets that the
+    noise control (same budget, bound and victim) does not. The head is trained by SGD for a few epochs,
+    not fitted to convergence like :func:`fit_linear_head`, so this uses a 5% budget.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from lightning_defense.attacks import EvaluationConfig, evaluate
+    from lightning_defense.attacks import evaluation as evaluation_module
+
+    given = tmp_path / "extractor.safetensors"
+    save_file({k: v.contiguous() for k, v in extractor.backbone.state_dict().items()}, str(given))
+    victim = {"transfer": True,
+              "model": {"backbone_kwargs": {"width": 8}, "crop_padding": 0, "lr": 0.5, "milestones": []},
+              "trainer": {"max_epochs": 5, "limit_train_batches": 1.0}}
+    settings = {"eps": EPS, "budget": 0.05, "steps": STEPS, "backbone_kwargs": {"width": 8}, "extractor_epochs": 6,
+                "progress": False}
+    config = EvaluationConfig(
+        data={"class_path": "lightning_defense.datamodules.DigitsDataModule",
+              "init_args": {"image_size": 16, "batch_size": 128}},
+        attacks=[{"name": "bullseye", "class_path": "lightning_defense.attacks.BullseyePolytope",
+                  "init_args": settings, "victim": victim},
+                 {"name": "noise", "class_path": f"{__name__}.UniformNoiseControl",
+                  "init_args": {**settings, "extractor_path": str(given)}, "victim": victim}],
+        model={"backbone": "small_cnn", "backbone_kwargs": {"width": 4}, "crop_padding": 0, "flip": False},
+        trainer={"accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 0},
+        trials=3, seed=1, output_dir=str(tmp_path / "eval"), progress=False)
+    real, victims = evaluation_module.train_victim, []
+
+    def keep(*args, **kwargs):
+        result = real(*args, **kwargs)
+        victims.append((kwargs.get("extractor"), result[0]))
+        return result
+
+    monkeypatch.setattr(evaluation_module, "train_victim", keep)
+    summary, table = evaluate(config)
+    cells = {s["attack"]: s for s in summary}
+    written = tmp_path / "eval" / "extractors" / "bullseye.safetensors"
+    assert written.is_file() and not (tmp_path / "eval" / "extractors" / "noise.safetensors").exists()
+    # The harness's extractor is the same network the fixture trained (same recipe and seed).
+    assert all(torch.equal(v, extractor.backbone.state_dict()[k]) for k, v in load_file(str(written)).items())
+    transfer = [(path, model) for path, model in victims if path is not None]
+    assert {path for path, _ in transfer} == {str(written), str(given)} and len(transfer) == 6
+    for path, model in transfer:  # frozen: every weight and BatchNorm statistic is still the extractor's
+        state, own = load_file(path), model.backbone.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("fc.")), path
+        assert not torch.equal(own["fc.weight"], state["fc.weight"])  # the head was trained afresh
+    assert cells["bullseye"]["accuracy_mean"] > 0.85 and cells["noise"]["accuracy_mean"] > 0.85
+    assert cells["noise"]["success_mean"] == 0.0
+    assert cells["bullseye"]["success_mean"] > 0.0, table
+
+    # A rerun resumes everything: no victim, no crafting, no extractor is redone.
+    files = sorted((tmp_path / "eval").glob("poisons/*/*.safetensors")) + [written]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = evaluation_module.Evaluation(config)
+    again.run()
+    assert again.executed == 0 and [f.stat().st_mtime_ns for f in files] == stamps and len(files) == 7

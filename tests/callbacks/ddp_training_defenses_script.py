@@ -4,7 +4,9 @@
 one fit runs (all in the same DDP processes, to pay the start-up once) and global rank 0 writes
 ``OUT_DIR/<mode>.pt`` with ``torch.save`` (tensors only):
 
-* ``friends``: the friendly-noise tensor generated at epoch 0;
+* ``friends``: each rank's friendly-noise tensor generated at epoch 0 (in 3 chunks), stacked; then, from a second fit
+  generating at epoch 1 (when BatchNorm statistics differ per rank), ``friends_late.pt``: each rank's
+  noise, stacked (world, N, C, H, W);
 * ``warm``: for each epoch, every (index, image checksum) trained on, gathered from all ranks;
 * ``pretrained``: each rank's backbone weights when training starts, after ``PretrainedInit`` loaded
   ``OUT_DIR/pretrained.safetensors`` (written by :func:`save_pretrained_checkpoint`).
@@ -91,7 +93,7 @@ def run(mode: str, devices: int, out_dir) -> None:
     L.seed_everything(0)
     callbacks, extra = [], {}
     if mode == "friends":
-        friends = FriendsNoise(begin_epoch=0, steps=3, batch_size=64, noise_type="uniform")
+        friends = FriendsNoise(begin_epoch=0, steps=3, batch_size=64, noise_type="uniform", noise_dir=Path(out_dir) / "noise", chunk_size=64)
         callbacks, extra = [friends], {"max_epochs": 1, "limit_train_batches": 1}
     elif mode == "warm":
         seen = SeenImages()
@@ -109,7 +111,7 @@ def run(mode: str, devices: int, out_dir) -> None:
     )
     trainer.fit(tiny_model(), datamodule=tiny_digits())
     if mode == "friends":
-        result = friends._noise
+        result = trainer.strategy.all_gather(friends._noise) if devices > 1 else friends._noise[None]
     elif mode == "warm":
         rows = torch.cat(seen.rows)
         result = trainer.strategy.all_gather(rows).reshape(-1, 3) if devices > 1 else rows
@@ -118,6 +120,18 @@ def run(mode: str, devices: int, out_dir) -> None:
     if trainer.global_rank == 0:
         torch.save(result, out)
     trainer.strategy.barrier()
+    if mode == "friends":
+        late = FriendsNoise(begin_epoch=1, steps=1, batch_size=64, noise_dir=Path(out_dir) / "noise", chunk_size=64)
+        trainer = L.Trainer(
+            accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", limit_val_batches=0,
+            logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+            callbacks=[late], max_epochs=2, limit_train_batches=2,
+        )
+        trainer.fit(tiny_model(), datamodule=tiny_digits())
+        stacked = trainer.strategy.all_gather(late._noise) if devices > 1 else late._noise[None]
+        if trainer.global_rank == 0:
+            torch.save(stacked, str(Path(out_dir) / "friends_late.pt"))
+        trainer.strategy.barrier()
 
 
 if __name__ == "__main__":

@@ -1,3 +1,6 @@
+import re
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -7,6 +10,7 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_defense.callbacks import FriendsNoise, generate_friendly_noise
+from lightning_defense.datamodules._cache import ChunkCache, fingerprint
 from tests.callbacks.ddp_training_defenses_script import Crash, RecordImages, run, tiny_digits, tiny_model, trainer_kwargs
 
 ZETA = 16 / 255
@@ -23,6 +27,7 @@ ZETA = 16 / 255
         ({"lr": -1.0}, "lr must be > 0"),
         ({"init_eps": 0.5}, "init_eps must be in"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"chunk_size": 0}, r"chunk_size must be an integer >= 1 \(samples per chunk file\); got 0"),
         ({"noise_file": "/nonexistent/noise.safetensors"}, "noise_file '/nonexistent/noise.safetensors' does not exist"),
     ],
 )
@@ -110,6 +115,27 @@ def test_loaded_noise_is_used_instead_of_generating(tmp_path, monkeypatch):
     _, seen, idx = recorder.batches[0]
     expected = (dm.train_tensors()[0][idx] + noise[idx].float() * (ZETA / 127)).clamp(0, 1)
     torch.testing.assert_close(seen, expected)
+    # a checkpoint of this run points to the transferred file
+    source = friends.state_dict()["friendly_noise_source"]
+    assert source["kind"] == "file" and Path(source["path"]) == (tmp_path / "transfer.safetensors").resolve()
+
+
+def test_side_file_digest_and_missing_chunks_are_checked(tmp_path):
+    noise = torch.randint(-127, 128, (5, 1, 2, 2), dtype=torch.int8)
+    cache = ChunkCache(tmp_path / "friends-key", 5, (1, 2, 2), "int8", chunk_size=2)
+    for i, (start, stop) in enumerate(cache.ranges):
+        cache.write_chunk(i, noise[start:stop].numpy())
+    cache.write_manifest()
+    source = {"kind": "chunks", "path": str(cache.directory), "digest": fingerprint(noise), "num_samples": 5,
+              "sample_shape": [1, 2, 2], "chunk_size": 2}
+    friends = FriendsNoise()
+    friends.load_state_dict({"friendly_noise_source": source, "zeta": ZETA})
+    assert torch.equal(friends._noise, noise) and friends.state_dict()["friendly_noise_source"] == source
+    with pytest.raises(ValueError, match="does not match the checkpoint's digest"):
+        FriendsNoise().load_state_dict({"friendly_noise_source": {**source, "digest": fingerprint(noise + 1)}, "zeta": ZETA})
+    cache.chunk_path(1).unlink()
+    with pytest.raises(FileNotFoundError, match=r"friends-key'.*chunks \[1\].*Copy that directory back"):
+        FriendsNoise().load_state_dict({"friendly_noise_source": source, "zeta": ZETA})
 
 
 def test_crash_and_resume_keeps_the_noise(tmp_path, monkeypatch):
@@ -122,19 +148,102 @@ def test_crash_and_resume_keeps_the_noise(tmp_path, monkeypatch):
         L.Trainer(callbacks=[friends, checkpoint, Crash(epoch=2)], **kwargs).fit(tiny_model(), datamodule=tiny_digits())
     generated = friends._noise.clone()
     assert (tmp_path / "noise.safetensors").is_file()
+    # the checkpoint references the chunked side file under default_root_dir instead of embedding the tensor
+    state = torch.load(ckpt_dir / "last.ckpt", weights_only=True)["callbacks"][friends.state_key]
+    source = state["friendly_noise_source"]
+    assert "friendly_noise" not in state and source["kind"] == "chunks"
+    side_dir = Path(source["path"])
+    assert side_dir.parent == tmp_path / "friendly_noise" and (side_dir / "manifest.json").is_file()
 
     resumed = FriendsNoise(begin_epoch=1, steps=2, batch_size=64)
+    real_generate = FriendsNoise._generate
     monkeypatch.setattr(FriendsNoise, "_generate", lambda *a: pytest.fail("a resumed run must not regenerate"))
     recorder = RecordImages()
-    trainer = L.Trainer(callbacks=[resumed, recorder], **{**kwargs, "enable_checkpointing": False})
+    resume_kwargs = {**kwargs, "enable_checkpointing": False}
+    trainer = L.Trainer(callbacks=[resumed, recorder], **resume_kwargs)
     trainer.fit(tiny_model(), datamodule=tiny_digits(), ckpt_path=str(ckpt_dir / "last.ckpt"))
     assert trainer.current_epoch == 3 and recorder.batches[0][0] == 2
     assert torch.equal(resumed._noise, generated)
 
+    # side file gone: a clear error naming it, unless the user opts in to regenerating
+    shutil.rmtree(side_dir)
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(str(side_dir))}.*missing.*regenerate_missing=True"):
+        L.Trainer(callbacks=[FriendsNoise(begin_epoch=1, steps=2, batch_size=64)], **resume_kwargs).fit(
+            tiny_model(), datamodule=tiny_digits(), ckpt_path=str(ckpt_dir / "last.ckpt"))
+    calls = []
+    monkeypatch.setattr(FriendsNoise, "_generate", lambda *a: calls.append(1) or real_generate(*a))
+    regenerated = FriendsNoise(begin_epoch=1, steps=2, batch_size=64, regenerate_missing=True)
+    with pytest.warns(UserWarning, match="regenerating"):
+        L.Trainer(callbacks=[regenerated], **resume_kwargs).fit(
+            tiny_model(), datamodule=tiny_digits(), ckpt_path=str(ckpt_dir / "last.ckpt"))
+    assert calls == [1] and regenerated._noise.shape == generated.shape
+
+
+def test_generation_resumes_after_a_crash_mid_generation(tmp_path, monkeypatch):
+    def fit(noise_dir):
+        L.seed_everything(0)
+        friends = FriendsNoise(begin_epoch=0, steps=2, batch_size=32, chunk_size=32, noise_dir=noise_dir)
+        L.Trainer(max_epochs=1, limit_train_batches=1, callbacks=[friends], **trainer_kwargs(tmp_path)).fit(
+            tiny_model(), datamodule=tiny_digits())
+        return friends._noise
+
+    uninterrupted = fit(tmp_path / "whole")
+    real_range, calls = FriendsNoise._friendly_range, []
+
+    def crash_after_two_chunks(self, *args):
+        calls.append(args[2:])
+        if len(calls) > 2:
+            raise RuntimeError("killed mid-generation")
+        return real_range(self, *args)
+
+    monkeypatch.setattr(FriendsNoise, "_friendly_range", crash_after_two_chunks)
+    with pytest.raises(RuntimeError, match="killed mid-generation"):
+        fit(tmp_path / "crashed")
+    (cache_dir,) = (tmp_path / "crashed").iterdir()
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["chunk_00000.npy", "chunk_00001.npy"]  # no manifest
+
+    calls.clear()
+    monkeypatch.setattr(FriendsNoise, "_friendly_range", lambda self, *args: calls.append(args[2:]) or real_range(self, *args))
+    resumed = fit(tmp_path / "crashed")
+    assert calls == [(64, 96), (96, 128), (128, 160), (160, 180)]  # only the chunks that were not written
+    assert torch.equal(resumed, uninterrupted)
+    assert (cache_dir / "manifest.json").is_file()
+
+
+def test_cache_key_covers_what_determines_the_noise(tmp_path):
+    L.seed_everything(0)
+    model, images = tiny_model(), torch.rand(10, 1, 8, 8)
+
+    def directory(model=model, images=images, **kwargs):
+        return FriendsNoise(**kwargs).noise_cache(model, images, tmp_path).directory
+
+    base = directory()
+    assert directory() == base and directory(noise_type="gaussian", begin_epoch=3) == base  # training-side only
+    changed = [directory(zeta=8 / 255, init_eps=4 / 255), directory(steps=21), directory(lr=10.0), directory(lam=2.0),
+               directory(seed=1), directory(batch_size=64), directory(images=images.flip(0))]
+    other = tiny_model()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3
+    changed.append(directory(model=other))
+    assert len({base, *changed}) == len(changed) + 1
+
+
+def test_old_checkpoints_with_the_embedded_tensor_still_load():
+    noise = torch.randint(-127, 128, (5, 1, 4, 4), dtype=torch.int8)
+    friends = FriendsNoise()
+    friends.load_state_dict({"friendly_noise": noise, "zeta": ZETA})
+    assert torch.equal(friends._noise, noise)
+    assert torch.equal(friends.state_dict()["friendly_noise"], noise)  # no side file to point to: kept embedded
+
 
 def test_ddp_two_processes_generate_the_same_noise_as_one(tmp_path, training_defenses_ddp):
     run("friends", 1, tmp_path)
-    noise_one, noise_two = torch.load(tmp_path / "friends.pt"), torch.load(training_defenses_ddp / "friends.pt")
+    (noise_one,), per_rank = torch.load(tmp_path / "friends.pt"), torch.load(training_defenses_ddp / "friends.pt")
     assert noise_one.dtype == torch.int8 and noise_one.shape == (180, 1, 8, 8)
     assert noise_one.float().abs().mean() > 5  # a real perturbation: on average over 5/127 of zeta
-    assert torch.equal(noise_one, noise_two)
+    assert per_rank.shape == (2, 180, 1, 8, 8)  # each rank computed some of the 3 chunks, and holds them all
+    assert torch.equal(per_rank[0], noise_one) and torch.equal(per_rank[1], noise_one)
+    # generated after an epoch of training, when BatchNorm statistics differ per rank: still one tensor
+    late = torch.load(training_defenses_ddp / "friends_late.pt")
+    assert late.shape == (2, 180, 1, 8, 8) and torch.equal(late[0], late[1]) and late.float().abs().mean() > 1
