@@ -25,8 +25,6 @@ from torch import Tensor
 from lightning_defense.attacks._common import (
     AttackGoal,
     apply_trigger,
-    budget_count,
-    budget_indices,
     check_split,
     poison_set,
     require_goal,
@@ -124,13 +122,7 @@ class SleeperAgent(GradientMatchingAttack):
         triggered = apply_trigger(images[sources].float(), trigger, xy)  # raises if the patch does not fit
         wanted = torch.full((len(triggered),), target_class)
 
-        candidates = (labels == target_class).nonzero().flatten()
-        count = budget_count(self.budget, len(images))
-        what = f"training images of the target class {target_class}"
-        if count > len(candidates):
-            budget_indices(candidates, count, generator, what)  # raises, naming the shortfall
-        models = self.surrogates(images, labels, seed)
-        indices = self.select(models[0], images, labels, candidates, count, generator, what)
+        models, indices = self.surrogates_and_poisons(images, labels, target_class, "target class", generator, seed)
 
         delta, loss = self.brew(images, labels, indices, goal_gradient(triggered, wanted), models, generator, seed)
         clean = images[indices].float()

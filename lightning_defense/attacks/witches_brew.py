@@ -113,6 +113,21 @@ class GradientMatchingAttack(Attack):
                                epochs=self.surrogate_epochs, lr=self.surrogate_lr, crop_padding=self.crop_padding,
                                flip=self.flip, seed=seed, progress=self.progress, desc=f"{self.name}: surrogate")
 
+    def surrogates_and_poisons(self, images: Tensor, labels: Tensor, poison_class: int, role: str,
+                               generator: torch.Generator, seed: int) -> tuple[list, Tensor]:
+        """The surrogates and the ``budget * N`` poison indices, all training images of ``poison_class``.
+
+        Raises:
+            ValueError: When the class has fewer images than the budget asks for.
+        """
+        candidates = (labels == poison_class).nonzero().flatten()
+        count = budget_count(self.budget, len(images))
+        what = f"training images of the {role} {poison_class}"
+        if count > len(candidates):
+            budget_indices(candidates, count, generator, what)  # raises, naming the shortfall
+        models = self.surrogates(images, labels, seed)
+        return models, self.select(models[0], images, labels, candidates, count, generator, what)
+
     def surrogates(self, images: Tensor, labels: Tensor, seed: int) -> list:
         """``ensemble`` surrogates, the k-th trained with seed ``seed + k``."""
         return [self.surrogate(images, labels, seed + k) for k in range(self.ensemble)]
@@ -226,13 +241,8 @@ class WitchesBrew(GradientMatchingAttack):
         check_split(images, labels)
         goal = require_goal(self, goal, "target_image", "adversarial_label")
         generator = torch.Generator().manual_seed(int(seed))
-        candidates = (labels == goal.adversarial_label).nonzero().flatten()
-        count = budget_count(self.budget, len(images))
-        what = f"training images of the adversarial class {goal.adversarial_label}"
-        if count > len(candidates):
-            budget_indices(candidates, count, generator, what)  # raises, naming the shortfall
-        models = self.surrogates(images, labels, seed)
-        indices = self.select(models[0], images, labels, candidates, count, generator, what)
+        models, indices = self.surrogates_and_poisons(images, labels, goal.adversarial_label, "adversarial class",
+                                                      generator, seed)
         target = goal.target_image[None].float()
         adversarial = torch.tensor([goal.adversarial_label])
 
