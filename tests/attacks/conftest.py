@@ -4,7 +4,7 @@ import torch
 from lightning_defense.datamodules import DigitsDataModule
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
     """Crafting runs many tiny double-backward passes: one thread is faster on a shared CPU."""
     threads = torch.get_num_threads()
@@ -70,3 +70,14 @@ def check_backdoor_poisons(attack, x, y, eps, norm, count):
     assert torch.equal(again.images, poisons.images) and torch.equal(again.indices, poisons.indices)
     assert torch.equal(again.trigger, poisons.trigger)
     return goal, poisons
+
+
+def random_sign_control(poisons, x, eps, seed, **fields):
+    """The noise control of a success test: random +-eps (l_inf) on the same samples as ``poisons``."""
+    from lightning_defense.attacks._common import project
+    from lightning_defense.datamodules.poison import PoisonSet
+
+    clean = x[poisons.indices]
+    signs = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
+    return PoisonSet(poisons.indices, clean + project(signs * eps, clean, eps, "linf"), poisons.labels, "linf", eps,
+                     kind=poisons.kind, **fields)

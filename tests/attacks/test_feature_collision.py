@@ -19,13 +19,7 @@ EPS, BUDGET, STEPS = 32 / 255, 0.03, 150
 TARGET_SEEDS = range(100, 105)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these small models run faster without thread contention on the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.attacks.conftest import check_backdoor_poisons
+from tests.attacks.conftest import check_backdoor_poisons, random_sign_control
 
 from lightning_defense.attacks import AttackGoal, SleeperAgent, apply_trigger
 from lightning_defense.attacks.sleeper_agent import make_trigger
@@ -83,9 +83,8 @@ def test_fresh_victims_learn_the_backdoor_more_than_with_random_noise():
     gives backdoor success 0.075 and 0.40 on the two victims vs 0.025 and 0.025 with random noise and 0.0 on clean
     data; pair 4 -> 5 (goal seed 0) shows nothing (0.0). See BENCHMARKS.md.
     """
-    from lightning_defense.attacks._common import project
     from lightning_defense.attacks.evaluation import Defense, EvaluationConfig, attack_success, train_victim
-    from lightning_defense.datamodules import DigitsDataModule, PoisonSet
+    from lightning_defense.datamodules import DigitsDataModule
 
     dm = DigitsDataModule(image_size=8)
     dm.setup()
@@ -97,11 +96,8 @@ def test_fresh_victims_learn_the_backdoor_more_than_with_random_noise():
     goal = attack.sample_goal(xt, yt, num_classes=10, seed=2)
     assert (goal.source_class, goal.target_class) == (8, 5)
     poisons = attack.craft(x, y, goal=goal, seed=2)
-    clean = x[poisons.indices]
-    signs = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(2)).float() * 2 - 1
-    noise = PoisonSet(poisons.indices, clean + project(signs * eps, clean, eps, "linf"), poisons.labels, "linf", eps,
-                      kind="backdoor", trigger=poisons.trigger, source_class=8, target_class=5,
-                      metadata=dict(poisons.metadata))
+    noise = random_sign_control(poisons, x, eps, 2, trigger=poisons.trigger, source_class=8, target_class=5,
+                                metadata=dict(poisons.metadata))
     config = EvaluationConfig(
         data={"class_path": "lightning_defense.datamodules.DigitsDataModule",
               "init_args": {"image_size": 8, "batch_size": 64, "seed": 0}},

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.attacks.conftest import check_targeted_poisons
+from tests.attacks.conftest import check_targeted_poisons, random_sign_control
 
 from lightning_defense.attacks import AttackGoal, WitchesBrew, train_surrogate
 
@@ -89,8 +89,7 @@ def test_succeeds_on_a_fresh_victim_where_random_noise_does_not():
     p(4) 0.50-0.85, vs p(4) 0.12-0.36 and no flip with random noise). Victims trained 15 epochs do not flip
     (p(4) 0.17-0.43 vs 0.004 with noise). See BENCHMARKS.md. The victim seed (2) differs from the surrogate's (1).
     """
-    from lightning_defense.attacks._common import project
-    from lightning_defense.datamodules import DigitsDataModule, PoisonSet
+    from lightning_defense.datamodules import DigitsDataModule
 
     dm = DigitsDataModule(image_size=8)
     dm.setup()
@@ -102,11 +101,8 @@ def test_succeeds_on_a_fresh_victim_where_random_noise_does_not():
     goal = attack.sample_goal(xt, yt, num_classes=10, seed=1)
     assert (goal.target_label, goal.adversarial_label) == (8, 4)
     poisons = attack.craft(x, y, goal=goal, seed=1)
-    clean = x[poisons.indices]
-    signs = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(1)).float() * 2 - 1
-    noise = PoisonSet(poisons.indices, clean + project(signs * eps, clean, eps, "linf"), poisons.labels, "linf", eps,
-                      kind="targeted", target_images=poisons.target_images, target_labels=poisons.target_labels,
-                      adversarial_labels=poisons.adversarial_labels)
+    noise = random_sign_control(poisons, x, eps, 1, target_images=poisons.target_images,
+                                target_labels=poisons.target_labels, adversarial_labels=poisons.adversarial_labels)
     brewed_success, brewed_p, brewed_acc = _victim(poisons, seed=2)
     noise_success, noise_p, noise_acc = _victim(noise, seed=2)
     print(f"p(adversarial | target): witches' brew {brewed_p:.3f}, random noise {noise_p:.3f}")
