@@ -240,19 +240,24 @@ def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
                       generator=loader.generator)
 
 
-def _shard_datamodule(data: L.LightningDataModule, trainer: L.Trainer) -> None:
-    """Make ``data``'s loaders rank shards (see :func:`shard_loader`) once the trainer knows its ranks."""
-    from lightning.pytorch.utilities.model_helpers import is_overridden
+def _shard_loaders(trainer: L.Trainer) -> None:
+    """Make every loader ``trainer`` runs a rank shard (see :func:`shard_loader`).
 
-    for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
-        if not is_overridden(name, data, L.LightningDataModule):
-            continue
-        original = getattr(data, name)
+    The shards are cut where the strategy processes each loader (``Strategy.process_dataloader``), so
+    loaders that callbacks swap in during fit (``WarmStart``'s purified data) are sharded too. A loader
+    whose sampler already splits by rank (``DistributedSampler``, Opacus' distributed Poisson sampler) is
+    left as it is.
+    """
+    original = trainer.strategy.process_dataloader
 
-        def sharded(original=original):
-            return shard_loader(original(), trainer.global_rank, trainer.world_size)
+    def process_dataloader(dataloader):
+        dataloader = original(dataloader)
+        samplers = (getattr(dataloader, "sampler", None), getattr(dataloader, "batch_sampler", None))
+        if not isinstance(dataloader, DataLoader) or any(hasattr(s, "num_replicas") for s in samplers):
+            return dataloader
+        return shard_loader(dataloader, trainer.global_rank, trainer.world_size)
 
-        setattr(data, name, sharded)
+    trainer.strategy.process_dataloader = process_dataloader
 
 
 def _share_rank_zero_weights(model: torch.nn.Module) -> None:
@@ -290,7 +295,7 @@ def train_victim(config: EvaluationConfig, defense: Defense, poisons: Optional[P
     trainer_args.update(victim.trainer)
     trainer = L.Trainer(**trainer_args, callbacks=callbacks)
     if not trainer_args["use_distributed_sampler"]:
-        _shard_datamodule(data, trainer)
+        _shard_loaders(trainer)
     trainer.fit(model, datamodule=data)
     _share_rank_zero_weights(model)
     accuracy = float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])

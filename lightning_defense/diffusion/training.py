@@ -23,7 +23,6 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lightning_defense._registry import register_command
-from lightning_defense.datamodules._base import unpack_batch
 from lightning_defense.diffusion.denoise import posterior, to_model_space
 
 
@@ -141,6 +140,9 @@ class DiffusionModel(L.LightningModule):
         return losses
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
+        # imported here: the datamodules package imports this module (ECLIPSE subclasses DiffusionModel)
+        from lightning_defense.datamodules._base import unpack_batch
+
         images, _, _ = unpack_batch(batch)
         if tuple(images.shape[1:]) != (self.hparams.in_channels, self.hparams.sample_size, self.hparams.sample_size):
             raise ValueError(

@@ -184,16 +184,39 @@ def test_backdoor_success_counts_triggered_source_images():
     assert attack_success(PatchDetector(), poisons, IndexedDataset(images, labels), 1.0, 1.0) == 0.0
 
 
+def test_every_loader_the_strategy_processes_becomes_a_rank_shard():
+    """Loaders a callback swaps in mid-fit (WarmStart) pass the strategy too, so they are sharded as well."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    processed = []
+    strategy = SimpleNamespace(process_dataloader=lambda loader: processed.append(loader) or loader)
+    trainer = SimpleNamespace(strategy=strategy, global_rank=1, world_size=2)
+    evaluate_module._shard_loaders(trainer)
+    data = TensorDataset(torch.arange(10))
+    shard = trainer.strategy.process_dataloader(DataLoader(data, batch_size=4))
+    assert [b[0].tolist() for b in shard] == [[1, 3], [5, 7], [9]]  # rank 1's half of batches 0-3, 4-7, 8-9
+    distributed = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    assert trainer.strategy.process_dataloader(distributed) is distributed  # already split by rank
+    assert len(processed) == 2  # the strategy's own processing still runs first
+
+
 def _ddp_config(tmp_path, name, devices):
-    """One trial of URP at 8x8 with a BatchNorm-free, augmentation-free victim (see the DDP test)."""
+    """One trial of URP at 8x8 with a BatchNorm-free, augmentation-free victim (see the DDP test), undefended
+    and with warm start (1 epoch on the poisoned data, then Gaussian-noised data)."""
     config = {
         "data": {"class_path": "lightning_defense.datamodules.DigitsDataModule",
                  "init_args": {"image_size": 8, "batch_size": 64, "val_fraction": 0.1, "test_fraction": 0.2}},
-        "attacks": [URP], "defenses": [], "trials": 1, "seed": 0, "progress": False,
+        "attacks": [URP], "trials": 1, "seed": 0, "progress": False,
+        "defenses": [{"name": "warm_start", "callbacks": [{
+            "class_path": "lightning_defense.callbacks.WarmStart",
+            "init_args": {"epochs": 1, "wrapper": "lightning_defense.datamodules.GaussianNoiseDataModule",
+                          "wrapper_kwargs": {"sigma": 0.1}}}]}],
         "output_dir": str(tmp_path / name),
         "model": {"backbone": "small_cnn", "backbone_kwargs": {"width": 8, "norm": "group"}, "lr": 0.1,
                   "crop_padding": 0, "flip": False},
-        "trainer": {"accelerator": "cpu", "devices": devices, "max_epochs": 1,
+        "trainer": {"accelerator": "cpu", "devices": devices, "max_epochs": 2,
                     "limit_val_batches": 0, **({"strategy": "ddp"} if devices > 1 else {})},
     }
     path = tmp_path / f"{name}.yaml"
