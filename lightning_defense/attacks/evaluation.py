@@ -10,7 +10,9 @@ attack success, averaged over the runs; a table cell reads "(accuracy) success".
    (so defense callbacks run), on ``wrapper(base=PoisonedDataModule(data, poisons))``;
 4. measures clean test accuracy and :class:`AttackSuccessRate`.
 
-An attack entry may carry a ``victim:`` mapping: ``model`` and ``trainer`` entries that override the global
+A backdoor attack's entry may fix its ``goal: {source_class, target_class}``, the same pair in every
+trial (trials then differ in their crafting and victim seeds), for datasets where the backdoor works on
+some pairs only. An attack entry may carry a ``victim:`` mapping: ``model`` and ``trainer`` entries that override the global
 ones for that attack's victims, extra ``callbacks``, and ``transfer: true`` for feature-collision attacks
 (Poison Frogs, Bullseye Polytope), whose victim is the attack's own feature extractor, frozen
 (:class:`~lightning_defense.callbacks.LinearProbe`), with a fresh linear head trained on the poisoned set.
@@ -51,7 +53,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from lightning_defense.attacks._common import Attack, apply_trigger
+from lightning_defense.attacks._common import Attack, AttackGoal, apply_trigger
 from lightning_defense.attacks.metrics import AttackSuccessRate
 from lightning_defense.datamodules.poison import PoisonSet
 from lightning_defense.datamodules.poisoned import PoisonedDataModule
@@ -361,6 +363,7 @@ class Evaluation:
         self.defenses = [Defense(NO_DEFENSE)] + [Defense.from_config(d, i) for i, d in enumerate(config.defenses)]
         self.attacks: dict[str, Attack] = {}
         self.victims: dict[str, Victim] = {}
+        self.goals: dict[str, Optional[AttackGoal]] = {}
         for i, spec in enumerate(config.attacks if config.poison is None else []):
             if not isinstance(spec, dict) or not spec.get("name"):
                 raise ValueError(f"attacks[{i}] needs a 'name' besides class_path/init_args; got {spec!r}")
@@ -371,6 +374,7 @@ class Evaluation:
             self.attacks[spec["name"]] = attack
             victim = Victim.from_config(spec.get("victim"), f"attacks[{i}] ({spec['name']})")
             self.victims[spec["name"]] = victim
+            self.goals[spec["name"]] = _fixed_goal(spec.get("goal"), attack, f"attacks[{i}] ({spec['name']})")
             if victim.transfer and not hasattr(attack, "save_extractor"):
                 raise ValueError(f"attacks[{i}] ({spec['name']}): victim.transfer needs an attack with a fixed feature "
                                  f"extractor (PoisonFrogs, BullseyePolytope); {type(attack).__name__} has none")
@@ -426,7 +430,12 @@ class Evaluation:
                 "metadata", {}).get("cache_key") == key
 
         def craft(p: Path) -> None:
-            goal = attack.sample_goal(test_images, test_labels, num_classes, seed)
+            goal = self.goals.get(row)
+            if goal is None:
+                goal = attack.sample_goal(test_images, test_labels, num_classes, seed)
+            elif not {goal.source_class, goal.target_class} <= set(range(num_classes)):
+                raise ValueError(f"attack {row!r}: goal classes {goal.source_class}, {goal.target_class} must be in "
+                                 f"0..{num_classes - 1}")
             poisons = attack.craft(images, labels, goal=goal, seed=seed)
             poisons.metadata["cache_key"] = key
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -488,6 +497,21 @@ class Evaluation:
                     records.append(self._run_cell(row, defense, trial, seed, poisons, clean[NO_DEFENSE]))
         _barrier()  # rank 0 has written every result
         return records
+
+
+def _fixed_goal(spec: Any, attack: Attack, what: str) -> Optional[AttackGoal]:
+    """The ``goal:`` of an attack entry: a backdoor's fixed ``{source_class, target_class}``, or None."""
+    if spec is None:
+        return None
+    if attack.kind != "backdoor":
+        raise ValueError(f"{what}.goal fixes a backdoor's source_class and target_class; {type(attack).__name__} "
+                         f"is a {attack.kind} attack, whose trials draw their own goals")
+    if (not isinstance(spec, dict) or set(spec) != {"source_class", "target_class"}
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in spec.values())):
+        raise ValueError(f"{what}.goal must be {{source_class: int, target_class: int}}; got {spec!r}")
+    if spec["source_class"] == spec["target_class"]:
+        raise ValueError(f"{what}.goal: source_class and target_class must differ; got both {spec['source_class']}")
+    return AttackGoal(source_class=spec["source_class"], target_class=spec["target_class"])
 
 
 def _attack_args(spec: dict) -> dict:

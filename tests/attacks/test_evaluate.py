@@ -125,6 +125,43 @@ def test_victim_configuration_errors(tmp_path):
         Evaluation(tiny_config(tmp_path, attacks=[{**URP, "victim": {"transfer": True}}]))
 
 
+SA = {"name": "sa", "class_path": "lightning_defense.attacks.SleeperAgent",
+      "init_args": {"eps": 0.1, "budget": 0.01, "patch_size": 2, "steps": 2, "retrain_rounds": 0,
+                    "surrogate_epochs": 1, "backbone_kwargs": {"width": 4}, "progress": False}}
+
+
+def test_a_backdoor_goal_fixed_in_the_config_is_used_in_every_trial(tmp_path):
+    config = tiny_config(tmp_path, attacks=[{**SA, "goal": {"source_class": 8, "target_class": 5}}], defenses=[])
+    records = Evaluation(config).run()
+    poisons = [PoisonSet.load(p) for p in sorted(Path(config.output_dir).glob("poisons/sa/*.safetensors"))]
+    assert len(poisons) == 2 and {(p.source_class, p.target_class) for p in poisons} == {(8, 5)}
+    assert all((p.labels == 5).all() for p in poisons)  # clean-label: the poisons are target-class images
+    assert not torch.equal(poisons[0].images, poisons[1].images)  # trials still differ (their seeds)
+    assert sorted(r["attack"] for r in records) == ["clean", "clean", "sa", "sa"]
+    # without the goal, the trials draw their own pairs
+    drawn = Evaluation(tiny_config(tmp_path / "drawn", attacks=[SA], defenses=[], trials=3))
+    drawn.run()
+    pairs = {(p.source_class, p.target_class) for p in map(PoisonSet.load, drawn.out.glob("poisons/sa/*.safetensors"))}
+    assert len(pairs) > 1
+
+
+@pytest.mark.parametrize("attack, goal, match", [
+    (URP, {"source_class": 8, "target_class": 5}, r"attacks\[0\] \(urp\).goal fixes a backdoor's.*indiscriminate attack"),
+    (SA, {"source_class": 8}, r"goal must be \{source_class: int, target_class: int\}"),
+    (SA, {"source_class": 8, "target_class": "5"}, "goal must be"),
+    (SA, {"source_class": 3, "target_class": 3}, "must differ; got both 3"),
+])
+def test_goal_errors(tmp_path, attack, goal, match):
+    with pytest.raises(ValueError, match=match):
+        Evaluation(tiny_config(tmp_path, attacks=[{**attack, "goal": goal}]))
+
+
+def test_goal_classes_out_of_range_are_an_error(tmp_path):
+    config = tiny_config(tmp_path, attacks=[{**SA, "goal": {"source_class": 8, "target_class": 10}}], defenses=[])
+    with pytest.raises(ValueError, match="goal classes 8, 10 must be in 0..9"):
+        Evaluation(config).run()
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").rglob("evaluate*.yaml")),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_evaluate_configs_build(path):
