@@ -12,7 +12,9 @@ attack success, averaged over the runs; a table cell reads "(accuracy) success".
 
 A backdoor attack's entry may fix its ``goal: {source_class, target_class}``, the same pair in every
 trial (trials then differ in their crafting and victim seeds), for datasets where the backdoor works on
-some pairs only. An attack entry may carry a ``victim:`` mapping: ``model`` and ``trainer`` entries that override the global
+some pairs only.
+
+An attack entry may carry a ``victim:`` mapping: ``model`` and ``trainer`` entries that override the global
 ones for that attack's victims, extra ``callbacks``, and ``transfer: true`` for feature-collision attacks
 (Poison Frogs, Bullseye Polytope), whose victim is the attack's own feature extractor, frozen
 (:class:`~lightning_defense.callbacks.LinearProbe`), with a fresh linear head trained on the poisoned set.
