@@ -120,6 +120,28 @@ def test_loaded_noise_is_used_instead_of_generating(tmp_path, monkeypatch):
     assert source["kind"] == "file" and Path(source["path"]) == (tmp_path / "transfer.safetensors").resolve()
 
 
+def test_noise_generated_with_one_architecture_defends_another(tmp_path, monkeypatch):
+    """The paper's transfer result as a user runs it: save_file= from one fit, noise_file= in another."""
+    from lightning_defense.models import ImageClassifier
+
+    path = tmp_path / "small_cnn_width4.safetensors"
+    source = FriendsNoise(begin_epoch=0, steps=3, batch_size=64, save_file=path)
+    L.Trainer(max_epochs=1, limit_train_batches=1, callbacks=[source], **trainer_kwargs(tmp_path)).fit(
+        tiny_model(), datamodule=tiny_digits())
+    generated = source.friendly_noise
+    assert path.is_file() and generated.abs().max() > 0.5 * ZETA  # real friendly noise, not the init
+
+    monkeypatch.setattr(FriendsNoise, "_generate", lambda *a: pytest.fail("the transferred noise must not be regenerated"))
+    target = FriendsNoise(begin_epoch=0, noise_type=None, noise_file=path)
+    wider = ImageClassifier("small_cnn", num_classes=10, in_chans=1, lr=0.05, flip=False, crop_padding=1,
+                            backbone_kwargs={"width": 8})  # another architecture
+    recorder, dm = RecordImages(), tiny_digits()
+    L.Trainer(max_epochs=1, limit_train_batches=2, callbacks=[target, recorder], **trainer_kwargs(tmp_path / "b")).fit(
+        wider, datamodule=dm)
+    for _, seen, idx in recorder.batches:
+        torch.testing.assert_close(seen, (dm.train_tensors()[0][idx] + generated[idx]).clamp(0, 1))
+
+
 def test_side_file_digest_and_missing_chunks_are_checked(tmp_path):
     noise = torch.randint(-127, 128, (5, 1, 2, 2), dtype=torch.int8)
     cache = ChunkCache(tmp_path / "friends-key", 5, (1, 2, 2), "int8", chunk_size=2)
