@@ -185,10 +185,7 @@ def train_surrogate(
     num_classes = int(labels.max()) + 1
     model = ImageClassifier(backbone, num_classes=max(num_classes, 2), in_chans=images.shape[1],
                             backbone_kwargs=backbone_kwargs)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    steps_per_epoch = math.ceil(len(images) / batch_size)
-    milestones = [round(epochs * steps_per_epoch * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, 0.1)
+    optimizer, scheduler = sgd_with_steps(model.parameters(), epochs * math.ceil(len(images) / batch_size), lr=lr)
     model.train()
     with tqdm(total=epochs, desc=desc, disable=not progress, leave=False) as bar:
         for _ in range(epochs):

@@ -328,7 +328,7 @@ def attack_success(model: ImageClassifier, poisons: PoisonSet, test_set, clean_a
 
 
 def _tensors(dataset) -> tuple[Tensor, Tensor]:
-    from lightning_defense.datamodules._base import dataset_tensors
+    from lightning_defense.core.batch import dataset_tensors
 
     return dataset_tensors(dataset)
 

@@ -1,7 +1,7 @@
 """Training-time defenses as Lightning callbacks; each works with any LightningModule.
 
 Every callback here acts on batches ``(images in [0,1], labels, indices)`` (see
-:mod:`lightning_defense.datamodules._base`), saves what a resumed run needs in its ``state_dict``
+:mod:`lightning_defense.core.batch`), saves what a resumed run needs in its ``state_dict``
 and works under DDP.
 """
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_defense.datamodules._base import unpack_batch
+from lightning_defense.core.batch import unpack_batch
 
 
 def pgd_attack(

@@ -22,26 +22,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_defense.datamodules._base import dataset_tensors, unpack_batch
-from lightning_defense.datamodules._cache import ChunkCache, fill_cache, fingerprint
+from lightning_defense.core.batch import dataset_tensors, unpack_batch
+from lightning_defense.core.collective import Collective
+from lightning_defense.core.rng import generator, per_sample_uniform
+from lightning_defense.core.store import ChunkCache, fill_cache, fingerprint
 
 NOISE_TYPES = ("bernoulli", "uniform", "gaussian")
 _FILE_FORMAT = "friends-int8-v1"
 _LEVELS = 127  # int8 storage: friendly noise in units of zeta / 127
 _CODE_VERSION = "friends-chunks-v1"  # part of the cache key: bump when Algorithm 1's code changes its output
-
-
-def per_sample_uniform(seed: int, indices: Tensor, shape: tuple[int, ...], bound: float) -> Tensor:
-    """U(-bound, bound) noise for each sample index, from a stream keyed by ``(seed, index)``.
-
-    The draw of a sample depends only on the seed and its index, so generation split across any number
-    of processes starts from the same ``eps^0``.
-    """
-    out = np.empty((len(indices), *shape), dtype=np.float32)
-    for row, index in enumerate(indices.tolist()):
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(index), 0xF1E])))
-        out[row] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
-    return torch.from_numpy(out)
 
 
 def friendly_noise_step_loss(model, x: Tensor, eps: Tensor, log_p_clean: Tensor, zeta: float, lam: float) -> Tensor:
@@ -313,11 +302,7 @@ class FriendsNoise(Callback):
         Its key hashes the code version, the images, the model's weights and buffers, zeta, steps, lr, lam,
         init_eps, batch_size, seed and the chunk size.
         """
-        weights = pl_module.state_dict()
-        # fingerprint() cannot hash 0-d tensors (BatchNorm's num_batches_tracked): hash each flat, with its shape
-        model_key = fingerprint(
-            *[part for name in sorted(weights) for part in (name, list(weights[name].shape), weights[name].reshape(-1))]
-        )
+        model_key = fingerprint(pl_module.state_dict())
         settings = {
             "zeta": self.zeta, "steps": self.steps, "lr": self.lr, "lam": self.lam, "init_eps": self.init_eps,
             "batch_size": self.batch_size, "seed": self.seed, "chunk_size": self.chunk_size,
@@ -391,8 +376,7 @@ class FriendsNoise(Callback):
 
     def _random_noise(self, x: Tensor, trainer: L.Trainer) -> Tensor:
         if self._generator is None or self._generator.device != x.device:
-            state = np.random.SeedSequence([self.seed, trainer.current_epoch, trainer.global_rank]).generate_state(1)
-            self._generator = torch.Generator(device=x.device).manual_seed(int(state[0]))
+            self._generator = generator(self.seed, trainer.current_epoch, trainer.global_rank, device=x.device)
         mu = self.noise_eps
         if self.noise_type == "bernoulli":
             signs = torch.rand(x.shape, generator=self._generator, device=x.device, dtype=x.dtype) < 0.5
@@ -405,7 +389,7 @@ class FriendsNoise(Callback):
         """Run Algorithm 1 over the training set into the chunk cache (resuming it); hold and return the int8 noise.
 
         Every rank computes every ``world_size``-th missing chunk, global rank 0 writes them (see
-        :func:`~lightning_defense.datamodules._cache.fill_cache`), then every rank reads the whole cache.
+        :func:`~lightning_defense.core.store.fill_cache`), then every rank reads the whole cache.
         """
         if dataset is None:
             raise RuntimeError(
@@ -413,7 +397,7 @@ class FriendsNoise(Callback):
                 "or train from a DataLoader whose .dataset yields (image, label, index)"
             )
         images = dataset_tensors(dataset)[0]
-        _share_rank_zero_state(pl_module)
+        Collective.of(trainer).share_rank_zero_weights(pl_module)
         root = self.noise_dir if self.noise_dir is not None else Path(trainer.default_root_dir) / "friendly_noise"
         cache = self.noise_cache(pl_module, images, root)
         key = trainer.strategy.broadcast(cache.meta["key"], src=0)
@@ -434,7 +418,7 @@ class FriendsNoise(Callback):
         pl_module.eval()
         try:  # every rank calls it (it follows rank 0's view of the disk); a no-op but a barrier when complete
             fill_cache(cache, lambda start, stop: self._friendly_range(pl_module, images, start, stop),
-                       desc="FRIENDS friendly noise")
+                       desc="FRIENDS friendly noise", collective=Collective.of(trainer))
         finally:
             pl_module.train(was_training)
         if not cache.is_complete():
@@ -463,21 +447,8 @@ class FriendsNoise(Callback):
         return np.concatenate(out)
 
 
-def _share_rank_zero_state(model: torch.nn.Module) -> None:
-    """Under DDP, copy rank 0's parameters and buffers to every rank.
-
-    BatchNorm's running statistics drift apart per rank between DDP's buffer broadcasts; generating with
-    rank 0's everywhere (which DDP's next forward would broadcast anyway) makes the noise one model's.
-    """
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        with torch.no_grad():
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)
-
-
 def _read_chunks(cache: ChunkCache) -> Tensor:
-    return torch.from_numpy(np.concatenate([np.asarray(chunk) for chunk in cache.load().chunks]))
+    return torch.from_numpy(cache.load().raw())
 
 
 def _read_noise_file(path: Union[str, Path]) -> tuple[Tensor, float]:

@@ -28,22 +28,18 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from lightning_defense.models.augment import random_crop_flip
-from lightning_defense.models.classifier import ImageClassifier, paper_milestones
+from lightning_defense.core.recipe import sgd_with_steps
+from lightning_defense.core.rng import generator, seed_for
+from lightning_defense.models.classifier import ImageClassifier
 
 # Independent random streams of one model, keyed by (seed, model index, stream).
 INIT, SHUFFLE, AUGMENT = 0, 1, 2
 
 
-def stream_seed(seed: int, index: int, stream: int) -> int:
-    """A 63-bit seed for ``stream`` of model ``index``, independent of rank and group."""
-    state = np.random.SeedSequence([int(seed), int(index), int(stream)]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
-
-
 def build_model(model_args: dict, num_classes: int, in_chans: int, seed: int, index: int) -> ImageClassifier:
     """A fresh ImageClassifier for model ``index``, initialised from its own stream."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream_seed(seed, index, INIT))
+        torch.manual_seed(seed_for(seed, index, INIT))
         return ImageClassifier(**model_args, num_classes=num_classes, in_chans=in_chans)
 
 
@@ -99,14 +95,9 @@ def train_and_vote(
     else:
         trainable = list(models[0].parameters())
 
-    optimizer = torch.optim.SGD(
-        trainable, lr=hp.lr, momentum=hp.momentum, nesterov=bool(hp.nesterov and hp.momentum > 0),
-        weight_decay=hp.weight_decay,
-    )
-    milestones = hp.milestones if hp.milestones is not None else paper_milestones(max_epochs)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=hp.gamma)
-    shuffle_gens = [torch.Generator().manual_seed(stream_seed(seed, i, SHUFFLE)) for i in indices]
-    augment_gens = [torch.Generator(device=device).manual_seed(stream_seed(seed, i, AUGMENT)) for i in indices]
+    optimizer, scheduler = sgd_with_steps(trainable, max_epochs, **models[0].recipe())
+    shuffle_gens = [generator(seed, i, SHUFFLE) for i in indices]
+    augment_gens = [generator(seed, i, AUGMENT, device=device) for i in indices]
 
     n = len(train_data[0][0])
     steps = math.ceil(n / batch_size)

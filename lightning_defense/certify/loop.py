@@ -36,6 +36,7 @@ from scipy.stats import norm
 from torch import Tensor
 
 from lightning_defense.certify._training import build_model, train_and_vote
+from lightning_defense.core.collective import Collective
 from lightning_defense.certify._votes import VoteStore, canonical
 from lightning_defense.certify.dpa import dpa_certificate_batch, dpa_partition, median_certified_size
 from lightning_defense.certify.smoothing import (
@@ -44,7 +45,7 @@ from lightning_defense.certify.smoothing import (
     certify_batch,
     plot_certified_accuracy,
 )
-from lightning_defense.datamodules._base import dataset_tensors, to_float_image
+from lightning_defense.core.batch import dataset_tensors, to_float_image
 from lightning_defense.models.classifier import ImageClassifier
 
 __all__ = [
@@ -395,6 +396,8 @@ def run_certification(
             keep = partition == i
             return base_images[keep], base_labels[keep]
         wrapper = wrapper_cls(base=data, seed=i, **wrapper_args)
+        if hasattr(wrapper, "use_collective"):
+            wrapper.use_collective(Collective(fabric))
         wrapper.prepare_data()
         wrapper.setup("fit")
         return wrapper.train_set

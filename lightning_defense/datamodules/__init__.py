@@ -1,9 +1,10 @@
 """Datamodules: the embedded digits, CIFAR-10, image folders, poison sets and wrappers.
 
-Every datamodule yields ``(images in [0,1], labels, indices)``; see :mod:`lightning_defense.datamodules._base`.
+Every datamodule yields ``(images in [0,1], labels, indices)``; see :mod:`lightning_defense.core.batch`.
 """
 
-from lightning_defense.datamodules._base import IndexedDataset, ImageDataModule, dataset_tensors, unpack_batch
+from lightning_defense.core.batch import IndexedDataset, dataset_tensors, unpack_batch
+from lightning_defense.datamodules.base import ImageDataModule
 from lightning_defense.datamodules.cifar10 import CIFAR10DataModule, read_cifar10
 from lightning_defense.datamodules.deep_knn import DeepKNNFilterDataModule
 from lightning_defense.datamodules.diffusion_purified import DiffusionPurifiedDataModule
@@ -16,7 +17,8 @@ from lightning_defense.datamodules.importers import (
     from_npy,
     from_poisoned_arrays,
 )
-from lightning_defense.datamodules.noise import GaussianNoiseDataModule, per_sample_normal
+from lightning_defense.core.rng import per_sample_normal
+from lightning_defense.datamodules.noise import GaussianNoiseDataModule
 from lightning_defense.datamodules.poison import PoisonSet, PoisonSetError
 from lightning_defense.datamodules.poisoned import PoisonedDataModule
 from lightning_defense.datamodules.shortcut_squeezing import ShortcutSqueezeDataModule

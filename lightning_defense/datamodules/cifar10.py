@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_defense.datamodules._base import IndexedDataset, ImageDataModule
+from lightning_defense.core.batch import IndexedDataset
+from lightning_defense.datamodules.base import ImageDataModule
 
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
 FOLDER_NAME = "cifar-10-batches-py"

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_defense.datamodules._base import IndexedDataset, dataset_tensors
+from lightning_defense.core.batch import IndexedDataset, dataset_tensors
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
 
 

@@ -17,8 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
 from lightning_defense._registry import register_command
-from lightning_defense.datamodules._base import dataset_tensors
-from lightning_defense.datamodules._cache import (
+from lightning_defense.core.batch import dataset_tensors
+from lightning_defense.core.store import (
     STORAGE_DTYPES,
     CachedImageDataset,
     ChunkCache,
@@ -116,8 +116,7 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
     def prepare_data(self) -> None:
         """Purify in this process when not distributed; under DDP the ranks share the work in setup()."""
         super().prepare_data()
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not self.collective().is_distributed:
             self.purify()
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -151,7 +150,7 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
                 return self.purify_range(model, images, start, stop, t_star, sigma, device)
 
             fill_cache(cache, compute, desc=f"diffusion denoising sigma={sigma:g} seed={self.noise_seed}",
-                       progress=self.progress)
+                       progress=self.progress, collective=self.collective())
         self.cache = cache
         return cache
 

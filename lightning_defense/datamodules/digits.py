@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_defense.datamodules._base import IndexedDataset, ImageDataModule, check_split_args, seeded_split
+from lightning_defense.core.batch import IndexedDataset
+from lightning_defense.datamodules.base import ImageDataModule, check_split_args, seeded_split
 
 
 def load_digits_tensors(image_size: int = 32, num_channels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

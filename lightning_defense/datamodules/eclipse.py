@@ -33,8 +33,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_defense.datamodules._base import dataset_tensors
-from lightning_defense.datamodules._cache import fingerprint
+from lightning_defense.core.batch import dataset_tensors
+from lightning_defense.core.store import fingerprint
 from lightning_defense.datamodules.diffusion_purified import DiffusionPurifiedDataModule
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
 from lightning_defense.diffusion.denoiser import Denoiser, load_denoiser

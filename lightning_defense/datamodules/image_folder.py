@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_defense.datamodules._base import ImageDataModule, check_split_args, seeded_split
+from lightning_defense.datamodules.base import ImageDataModule, check_split_args, seeded_split
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 

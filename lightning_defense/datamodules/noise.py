@@ -7,28 +7,13 @@ certification loop trains one model per noise draw (``seed``).
 from __future__ import annotations
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_defense.datamodules._base import IndexedDataset, dataset_tensors
+from lightning_defense.core.batch import IndexedDataset, dataset_tensors
+from lightning_defense.core.rng import per_sample_normal
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
-
-
-def per_sample_normal(seed: int, indices: Tensor, shape: tuple[int, ...], stream: int = 0) -> Tensor:
-    """Standard normal noise for each sample index, drawn from a stream keyed by ``(seed, index)``.
-
-    The noise of a sample depends only on the seed and its index in the split, never on the batch
-    size, the order or the number of processes, so sharded work gives identical bytes. ``stream > 0``
-    gives further independent draws for the same sample (e.g. one per reverse-diffusion step).
-    """
-    out = np.empty((len(indices), *shape), dtype=np.float32)
-    extra = [int(stream)] if stream else []
-    for row, index in enumerate(indices.tolist()):
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(index), *extra])))
-        out[row] = rng.standard_normal(shape, dtype=np.float32)
-    return torch.from_numpy(out)
 
 
 class GaussianNoiseDataModule(TrainSplitWrapper):

@@ -8,7 +8,7 @@ from typing import Union
 import lightning as L
 from torch.utils.data import Dataset
 
-from lightning_defense.datamodules._base import IndexedDataset, dataset_tensors
+from lightning_defense.core.batch import IndexedDataset, dataset_tensors
 from lightning_defense.datamodules.poison import PoisonSet
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
 

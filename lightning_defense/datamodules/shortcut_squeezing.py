@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_defense.datamodules._base import IndexedDataset, dataset_tensors
+from lightning_defense.core.batch import IndexedDataset, dataset_tensors
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
 
 ISS_METHODS = ("grayscale", "jpeg")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import Dataset
 
-from lightning_defense.datamodules._base import ImageDataModule
+from lightning_defense.core.collective import Collective
+from lightning_defense.datamodules.base import ImageDataModule
 
 
 class TrainSplitWrapper(ImageDataModule):
@@ -30,6 +31,18 @@ class TrainSplitWrapper(ImageDataModule):
         self.base = base
         self.num_classes = getattr(base, "num_classes", None)
         self.num_channels = getattr(base, "num_channels", None)
+        self._collective: Collective | None = None
+
+    def use_collective(self, collective: Collective) -> None:
+        """Share offline work with these ranks (e.g. a Fabric's) when no Trainer is attached."""
+        self._collective = collective
+
+    def collective(self) -> Collective:
+        """The ranks this datamodule shares its offline work with: the attached Trainer's strategy, or
+        the one given to :meth:`use_collective`, or this process alone."""
+        if self._collective is not None:
+            return self._collective
+        return Collective.of(getattr(self, "trainer", None))
 
     def prepare_data(self) -> None:
         self.base.prepare_data()

@@ -182,7 +182,7 @@ def noise_and_denoise(
         steps: Model calls: 1 is Hong et al.'s single-step denoising, more runs the reverse process.
         variance_type: The reverse process's variance (see :func:`reverse_process`).
     """
-    from lightning_defense.datamodules.noise import per_sample_normal
+    from lightning_defense.core.rng import per_sample_normal
 
     shape = tuple(images.shape[1:])
     noise = per_sample_normal(seed, indices.cpu(), shape).to(images)

@@ -141,7 +141,7 @@ class DiffusionModel(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         # imported here: the datamodules package imports this module (ECLIPSE subclasses DiffusionModel)
-        from lightning_defense.datamodules._base import unpack_batch
+        from lightning_defense.core.batch import unpack_batch
 
         images, _, _ = unpack_batch(batch)
         if tuple(images.shape[1:]) != (self.hparams.in_channels, self.hparams.sample_size, self.hparams.sample_size):

@@ -2,7 +2,8 @@
 
 from lightning_defense.models.augment import random_crop_flip
 from lightning_defense.models.backbones import BACKBONES, CifarResNet18, SmallCNN, build_backbone
-from lightning_defense.models.classifier import ImageClassifier, paper_milestones
+from lightning_defense.core.recipe import paper_milestones
+from lightning_defense.models.classifier import ImageClassifier
 
 __all__ = [
     "BACKBONES",

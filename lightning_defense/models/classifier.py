@@ -11,18 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_defense.datamodules._base import unpack_batch
+from lightning_defense.core.batch import unpack_batch
+from lightning_defense.core.recipe import paper_milestones, sgd_with_steps
 from lightning_defense.models.augment import random_crop_flip
 from lightning_defense.models.backbones import build_backbone
-
-
-def paper_milestones(max_epochs: int) -> list[int]:
-    """FRIENDS' step schedule at 3/8, 5/8 and 7/8 of training: 30/50/70 for 80 epochs.
-
-    The FRIENDS code writes ``[e//2.667, e//1.6, e//1.142]``, whose float floors give 29/49/70 for 80
-    epochs; the fractions it approximates give the 30/50/70 the paper states.
-    """
-    return sorted({max(1, round(max_epochs * f)) for f in (3 / 8, 5 / 8, 7 / 8)})  # never a step at epoch 0
 
 
 class ImageClassifier(L.LightningModule):
@@ -129,13 +121,14 @@ class ImageClassifier(L.LightningModule):
         x, _, _ = unpack_batch(batch)
         return self(x).argmax(dim=1)
 
+    def recipe(self) -> dict:
+        """The keyword arguments of :func:`~lightning_defense.core.recipe.sgd_with_steps` this model trains with."""
+        hp = self.hparams
+        return {"lr": hp.lr, "momentum": hp.momentum, "nesterov": hp.nesterov, "weight_decay": hp.weight_decay,
+                "milestones": hp.milestones, "gamma": hp.gamma}
+
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.SGD(
-            self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0,
-            weight_decay=hp.weight_decay,
-        )
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 80
-        milestones = hp.milestones if hp.milestones is not None else paper_milestones(max_epochs)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=hp.gamma)
+        optimizer, scheduler = sgd_with_steps(self.parameters(), max_epochs, **self.recipe())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

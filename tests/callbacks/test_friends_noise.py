@@ -10,7 +10,7 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_defense.callbacks import FriendsNoise, generate_friendly_noise
-from lightning_defense.datamodules._cache import ChunkCache, fingerprint
+from lightning_defense.core.store import ChunkCache, fingerprint
 from tests.callbacks.ddp_training_defenses_script import Crash, RecordImages, run, tiny_digits, tiny_model, trainer_kwargs
 
 ZETA = 16 / 255

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lightning_defense.datamodules.noise import per_sample_normal
+from lightning_defense.core.rng import per_sample_normal
 from lightning_defense.diffusion.denoise import (
     denoise_one_step,
     noise_and_denoise,

@@ -57,7 +57,7 @@ def test_shipped_digits_denoisers_remove_most_of_the_noise(asset, size):
     from pathlib import Path
 
     from lightning_defense.datamodules import DigitsDataModule
-    from lightning_defense.datamodules.noise import per_sample_normal
+    from lightning_defense.core.rng import per_sample_normal
     from lightning_defense.diffusion import noise_and_denoise, timestep_for_sigma
 
     denoiser = load_denoiser(str(Path(__file__).resolve().parents[2] / "lightning_defense" / "assets" / asset))
