@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from lightning_defense._registry import register_command
 from lightning_defense.diffusion.denoise import posterior, to_model_space
 
 
@@ -210,27 +209,3 @@ def vlb_bits_per_dim(
     kl = normal_kl(true_mean, true_log_var, model_mean, model_log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
     nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
     return torch.where(t == 0, nll, kl)
-
-
-@register_command("train-denoiser")
-def run_train_denoiser(argv: list[str]) -> None:
-    """``lightning-defense train-denoiser --config cfg.yaml``: train a :class:`DiffusionModel`, save it (diffusers).
-
-    The config has ``model`` (DiffusionModel arguments), ``data`` (a datamodule; only its training split
-    is used), ``trainer`` and ``output_dir``.
-    """
-    from lightning.pytorch.cli import LightningCLI
-
-    class DenoiserCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            parser.add_argument("--output_dir", type=str, required=True, help="where the diffusers model goes")
-
-    cli = DenoiserCLI(
-        DiffusionModel, L.LightningDataModule, subclass_mode_data=True, args=argv, run=False,
-        save_config_kwargs={"overwrite": True},
-    )
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)  # no validation_step: only the training split is read
-    if cli.trainer.is_global_zero:
-        path = cli.model.save_pretrained(cli.config["output_dir"])
-        print(f"denoiser saved to {path}")
-    cli.trainer.strategy.barrier()

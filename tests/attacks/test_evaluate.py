@@ -166,7 +166,7 @@ def test_goal_classes_out_of_range_are_an_error(tmp_path):
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_evaluate_configs_build(path):
     """Every ``evaluate`` config parses and builds its attacks, defenses and victims (no data is read)."""
-    from lightning_defense.attacks._commands import evaluation_config
+    from lightning_defense.cli.attacks import evaluation_config
 
     evaluation = Evaluation(evaluation_config(["--config", str(path)]))
     assert evaluation.attacks and len(evaluation.defenses) >= 2

@@ -108,7 +108,7 @@ def test_interrupted_run_resumes_from_the_finished_chunks(ddpm_dir, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         purified(ddpm_dir, tmp_path / "crashed").setup("fit")
     crashed_dir = next((tmp_path / "crashed").iterdir())
-    assert [p.name for p in crashed_dir.iterdir()] == ["chunk_00000.npy"]  # no manifest, no temp files
+    assert sorted(p.name for p in crashed_dir.iterdir()) == ["chunk_00000.npy", "chunk_00000.npy.sha256"]  # no manifest, no temp files
     first_chunk = (crashed_dir / "chunk_00000.npy").read_bytes()
 
     resumed = []

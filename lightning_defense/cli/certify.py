@@ -14,7 +14,6 @@ from typing import Optional
 import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from lightning_defense._registry import register_command
 from lightning_defense.certify.loop import (
     CURVE_PNG,
     DEFAULT_SMOOTHING,
@@ -82,7 +81,6 @@ def _print_summary(result, label: str = "") -> None:
         print(f"  {name}: {path}")
 
 
-@register_command("certify")
 def run_certify(argv: list[str]) -> None:
     """``lightning-defense certify --config configs/digits/certify.yaml``."""
     parser = build_parser()
@@ -131,7 +129,6 @@ def _is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-@register_command("certify-plot")
 def run_certify_plot(argv: list[str]) -> None:
     """``lightning-defense certify-plot RUN_DIR [RUN_DIR ...] --output fig.png [--labels a b]``."""
     parser = ArgumentParser(prog="lightning-defense certify-plot",

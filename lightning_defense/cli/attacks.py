@@ -8,7 +8,6 @@ from typing import Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from lightning_defense._registry import register_command
 
 
 def _poison_parser() -> ArgumentParser:
@@ -25,7 +24,6 @@ def _poison_parser() -> ArgumentParser:
     return parser
 
 
-@register_command("poison")
 def run_poison(argv: list[str]) -> None:
     """Craft the configured attack's poisons against the data's training split and save them."""
     from lightning_defense.attacks._common import Attack, AttackGoal
@@ -99,7 +97,6 @@ def evaluation_config(argv: list[str]):
     return EvaluationConfig(**fields)
 
 
-@register_command("evaluate")
 def run_evaluate(argv: list[str]) -> None:
     """Run (or resume) the evaluation and print the "(accuracy) success" table."""
     from lightning_defense.attacks.evaluation import _distributed, _global_rank, evaluate

@@ -1,0 +1,43 @@
+"""The ``lightning-defense`` command line: one table of commands.
+
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's (:mod:`~lightning_defense.cli.fit`);
+every other command is a function ``run(argv)`` of one module here, listed in :data:`COMMANDS`. A new
+command is one module and one line in the table.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+from lightning_defense.cli import attacks, certify, purify, train_denoiser
+from lightning_defense.cli.fit import DefenseCLI, build_cli
+
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+#: Command name -> function of the remaining arguments.
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "poison": attacks.run_poison,
+    "evaluate": attacks.run_evaluate,
+    "purify": purify.run_purify,
+    "train-denoiser": train_denoiser.run_train_denoiser,
+    "certify": certify.run_certify,
+    "certify-plot": certify.run_certify_plot,
+}
+
+__all__ = ["COMMANDS", "DefenseCLI", "build_cli", "main"]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        COMMANDS[argv[0]](argv[1:])
+        return
+    if argv and not argv[0].startswith("-") and argv[0] not in TRAINER_COMMANDS:
+        known = ", ".join(list(TRAINER_COMMANDS) + sorted(COMMANDS))
+        sys.exit(f"lightning-defense: unknown command {argv[0]!r}; choose one of: {known}")
+    build_cli(argv)
+
+
+if __name__ == "__main__":
+    main()
