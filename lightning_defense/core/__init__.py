@@ -14,6 +14,7 @@ from lightning_defense.core.collective import Collective
 from lightning_defense.core.config import instantiate, resolve_class
 from lightning_defense.core.recipe import paper_milestones, sgd_with_steps
 from lightning_defense.core.rng import generator, per_sample_normal, per_sample_uniform, seed_for
+from lightning_defense.core.seam import TrainingDataSeam
 from lightning_defense.core.store import (
     CachedImageDataset,
     ChunkCache,
@@ -31,6 +32,7 @@ __all__ = [
     "CorruptStoreError",
     "IndexedDataset",
     "RecordStore",
+    "TrainingDataSeam",
     "atomic_write",
     "dataset_tensors",
     "fill_cache",

@@ -429,6 +429,20 @@ class RecordStore:
             raise FileNotFoundError(f"record {path} (or its {DIGEST_SUFFIX}) is missing")
         return _load_npy(path)
 
+    def save_json(self, name: str, record: Any) -> None:
+        path = self.path(name)
+        atomic_write(path, json.dumps(canonical(record), indent=1, sort_keys=True))
+        atomic_write(path.with_name(path.name + DIGEST_SUFFIX), file_digest(path))
+
+    def load_json(self, name: str) -> Any:
+        path = self.path(name)
+        if _verified_digest(path) is None:
+            raise FileNotFoundError(f"record {path} (or its {DIGEST_SUFFIX}) is missing")
+        try:
+            return json.loads(path.read_text())
+        except ValueError as err:
+            raise CorruptStoreError(f"{path} is not valid JSON ({err})") from err
+
     def discard(self, name: str) -> None:
         path = self.path(name)
         for p in (path, path.with_name(path.name + DIGEST_SUFFIX)):
