@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lightning_defense.core.recipe import sgd_with_steps
 from lightning_defense.datamodules.poison import NORMS, PoisonSet
 from lightning_defense.models.augment import random_crop_flip
 from lightning_defense.models.classifier import ImageClassifier

@@ -29,8 +29,6 @@ any extractor.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -51,6 +49,7 @@ from lightning_defense.attacks._common import (
     train_surrogate,
 )
 from lightning_defense.datamodules.poison import PoisonSet
+from lightning_defense.core.store import atomic_write
 from lightning_defense.models.classifier import ImageClassifier
 
 
@@ -193,23 +192,14 @@ class FeatureCollisionAttack(Attack):
         :class:`~lightning_defense.callbacks.LinearProbe` (``checkpoint_path=path``) and ``extractor_path=path``
         load it back.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"save_extractor: path must end in .safetensors; got {str(path)!r}")
         model = self.feature_extractor(images, labels)
         state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return atomic_write(path, save(state, metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
     def collision_loss(self, features: Tensor, target_feature: Tensor) -> Tensor:
         """The feature term, divided by ``||f(x_t)||^2``: per poison (Poison Frogs) or of the mean (Bullseye)."""

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_defense.core.batch import unpack_batch
+from lightning_defense.core import rng
 
 
 def pgd_attack(
@@ -40,7 +41,7 @@ class AdversarialTraining(L.Callback):
         eps: l_inf bound in [0, 1] pixel units (8/255 is the usual CIFAR-10 setting).
         steps: PGD steps.
         step_size: Step size; None uses 2.5 * eps / steps.
-        seed: Seed of the random starts.
+        seed: Seed of the random starts (one stream per seed and global rank).
 
     Example::
 
@@ -61,7 +62,7 @@ class AdversarialTraining(L.Callback):
         self._generator: Optional[torch.Generator] = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + trainer.global_rank)
+        self._generator = rng.generator(self.seed, trainer.global_rank, device=pl_module.device)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         x, y, _ = unpack_batch(batch)

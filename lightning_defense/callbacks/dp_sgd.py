@@ -10,16 +10,20 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_defense.core.rng import generator
+from lightning_defense.core.seam import SAMPLER, TrainingDataSeam
 
 
 class DPSGD(L.Callback):
     """Makes a LightningModule's training differentially private with Opacus.
 
-    The callback attaches Opacus' per-sample gradient hooks to the module in ``setup``, replaces the
-    training loader by a Poisson-sampled one, and wraps the optimizer in Opacus' ``DPOptimizer``
+    The callback attaches Opacus' per-sample gradient hooks to the module in ``setup``, turns the
+    training loader into Opacus' Poisson-sampled ``DPDataLoader`` (a ``SAMPLER`` transform on the
+    :class:`~lightning_defense.core.seam.TrainingDataSeam`), and wraps the optimizer in Opacus' ``DPOptimizer``
     (``DistributedDPOptimizer`` under DDP, where the noise is added once, on rank 0, and the
     clipped-and-noised gradients are averaged over ranks). The privacy spent so far, epsilon at
     ``delta``, is logged as ``dp/epsilon`` after every epoch. It assumes one optimizer, automatic
@@ -34,7 +38,7 @@ class DPSGD(L.Callback):
             ``Trainer(use_distributed_sampler=False)``: the Poisson sampler shards the data itself.
         replace_batchnorm: Replace layers Opacus cannot handle (BatchNorm) with GroupNorm.
             Without it such layers are a clear error.
-        seed: Seed of the DP noise and of the Poisson sampler.
+        seed: Seed of the DP noise and of the Poisson sampler (whose stream is keyed by seed and global rank).
 
     Raises:
         ValueError: on a bad argument, or on layers Opacus cannot train privately.
@@ -117,30 +121,32 @@ class DPSGD(L.Callback):
         rank_zero_info("DPSGD: replaced BatchNorm layers with GroupNorm")
 
     def _patch_train_loader(self, trainer: L.Trainer) -> None:
-        datamodule = trainer.datamodule
-        if datamodule is None:
-            raise ValueError("DPSGD needs a datamodule passed to Trainer.fit(datamodule=...) to sample its training loader")
         distributed = trainer.world_size > 1
         if distributed and self.poisson_sampling and trainer._accelerator_connector.use_distributed_sampler:
             raise ValueError(
                 "DPSGD with poisson_sampling=True under DDP needs Trainer(use_distributed_sampler=False): "
                 "the Poisson sampler shards the data across ranks itself"
             )
-        make_loader = type(datamodule).train_dataloader.__get__(datamodule)
 
-        def private_loader():
-            loader = make_loader()
+        def private_loader(loader: DataLoader, is_train: bool) -> DataLoader:
+            if not is_train:
+                return loader
             if not self.poisson_sampling:
-                self._sample_rate = loader.batch_size / len(loader.dataset)
+                batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
+                if batch_size is None:
+                    raise ValueError("DPSGD(poisson_sampling=False) needs a training loader with a batch_size (the "
+                                     "accountant's sample rate is batch_size / N); use poisson_sampling=True")
+                self._sample_rate = batch_size / len(loader.dataset)
                 return loader
             from opacus.data_loader import DPDataLoader
 
-            generator = torch.Generator().manual_seed(self.seed + trainer.global_rank)
-            dp_loader = DPDataLoader.from_data_loader(loader, distributed=distributed, generator=generator)
+            dp_loader = DPDataLoader.from_data_loader(
+                loader, distributed=distributed, generator=generator(self.seed, trainer.global_rank)
+            )
             self._sample_rate = dp_loader.sample_rate
             return dp_loader
 
-        datamodule.train_dataloader = private_loader
+        TrainingDataSeam.of(trainer).add("DPSGD", private_loader, SAMPLER)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
@@ -160,7 +166,7 @@ class DPSGD(L.Callback):
             max_grad_norm=self.max_grad_norm,
             expected_batch_size=expected_batch_size,
             loss_reduction="mean",
-            generator=torch.Generator(device=pl_module.device).manual_seed(self.seed),
+            generator=generator(self.seed, device=pl_module.device),
         )
         private.attach_step_hook(self._accountant.get_optimizer_hook_fn(sample_rate=self._sample_rate))
         trainer.optimizers = [private]

@@ -9,7 +9,6 @@ random noise ``mu`` at every iteration.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -25,7 +24,7 @@ from torch.utils.data import Dataset
 from lightning_defense.core.batch import dataset_tensors, unpack_batch
 from lightning_defense.core.collective import Collective
 from lightning_defense.core.rng import generator, per_sample_uniform
-from lightning_defense.core.store import ChunkCache, fill_cache, fingerprint
+from lightning_defense.core.store import ChunkCache, atomic_write, fill_cache, fingerprint
 
 NOISE_TYPES = ("bernoulli", "uniform", "gaussian")
 _FILE_FORMAT = "friends-int8-v1"
@@ -279,15 +278,12 @@ class FriendsNoise(Callback):
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the friendly noise to a ``.safetensors`` file (atomically), for ``noise_file=``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         if self._noise is None:
             raise RuntimeError("FriendsNoise.save: no friendly noise yet (it is generated at begin_epoch)")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"friendly_noise": self._noise.contiguous()}, str(tmp), metadata={"format": _FILE_FORMAT, "zeta": repr(self.zeta)})
-        os.replace(tmp, path)
+        metadata = {"format": _FILE_FORMAT, "zeta": repr(self.zeta)}
+        atomic_write(path, save({"friendly_noise": self._noise.contiguous()}, metadata=metadata))
 
     def load(self, path: Union[str, Path]) -> None:
         """Read friendly noise written by :meth:`save` (possibly by another architecture's run)."""
@@ -334,7 +330,7 @@ class FriendsNoise(Callback):
             if self.save_file is not None:
                 if trainer.global_rank == 0:
                     self.save(self.save_file)
-                trainer.strategy.barrier("FriendsNoise.save")
+                Collective.of(trainer).barrier("FriendsNoise.save")
         if dataset is not None and len(dataset) != len(self._noise):
             raise ValueError(
                 f"FriendsNoise holds friendly noise for {len(self._noise)} samples but the training set has "
@@ -400,7 +396,7 @@ class FriendsNoise(Callback):
         Collective.of(trainer).share_rank_zero_weights(pl_module)
         root = self.noise_dir if self.noise_dir is not None else Path(trainer.default_root_dir) / "friendly_noise"
         cache = self.noise_cache(pl_module, images, root)
-        key = trainer.strategy.broadcast(cache.meta["key"], src=0)
+        key = Collective.of(trainer).broadcast(cache.meta["key"], src=0)
         if key != cache.meta["key"]:
             raise RuntimeError(
                 f"FriendsNoise: rank {trainer.global_rank} holds other training images (or another model) than rank 0 "

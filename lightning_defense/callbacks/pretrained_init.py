@@ -18,6 +18,8 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_defense.core.collective import Collective
+
 
 class PretrainedInit(Callback):
     """Initialise ``pl_module.<backbone_attr>`` from a timm checkpoint or a local file, in ``setup``.
@@ -104,7 +106,7 @@ class PretrainedInit(Callback):
             # local rank 0 first, so that a download happens once per machine
             if trainer.local_rank == 0:
                 state = self._timm_state_dict(backbone)
-            trainer.strategy.barrier("PretrainedInit.download")
+            Collective.of(trainer).barrier("PretrainedInit.download")
             if trainer.local_rank != 0:
                 state = self._timm_state_dict(backbone)
         else:

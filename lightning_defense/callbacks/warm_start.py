@@ -6,12 +6,15 @@ for a few epochs (10 on CIFAR-10), then continue on the denoised training set (3
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_defense.core.collective import Collective
+from lightning_defense.core.config import resolve_class
+from lightning_defense.core.seam import TrainingDataSeam
 
 
 class WarmStart(Callback):
@@ -26,9 +29,11 @@ class WarmStart(Callback):
 
     The purified datamodule is prepared (``prepare_data`` on local rank 0, then ``setup``) when fit
     starts, so a purification cache is built before training. At the end of epoch ``epochs - 1`` the
-    training dataloader is replaced by the purified one (the trainer re-adds its distributed sampler
-    under DDP). The switch depends only on the epoch, so every rank takes it together, and a run
-    resumed after the switch trains on the purified data from its first batch.
+    training loader's samples are swapped for the purified ones through the
+    :class:`~lightning_defense.core.seam.TrainingDataSeam`: the loader, its (distributed) sampler and its
+    shuffling state stay, sample i is read from the purified set. The switch depends only on the epoch,
+    so every rank takes it together, and a run resumed after the switch trains on the purified data from
+    its first batch. The training loader must not keep persistent workers (they would hold a stale copy).
 
     Args:
         epochs: Epochs on the tampered data before switching (the paper's 10).
@@ -68,13 +73,15 @@ class WarmStart(Callback):
         if wrapper_kwargs is not None and wrapper is None:
             raise ValueError("wrapper_kwargs needs wrapper=")
         if wrapper is not None:
-            wrapper = _resolve_class(wrapper)
+            wrapper = resolve_class(wrapper, L.LightningDataModule, "wrapper")
         self.epochs = epochs
         self.purified = purified
         self.wrapper = wrapper
         self.wrapper_kwargs = dict(wrapper_kwargs or {})
         self._purified_dm: Optional[L.LightningDataModule] = purified
         self._switched_at: Optional[int] = None  # epoch from which the purified data are used
+        self._seam: Optional[TrainingDataSeam] = None  # the fit's seam, from setup on
+        self._swapped = False
 
     @property
     def state_key(self) -> str:
@@ -91,8 +98,11 @@ class WarmStart(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._switched_at = state_dict.get("switched_at")
+        if self._switched_at is not None and self._seam is not None:
+            self._switch()  # resumed after the switch: restored after setup, before the training loader exists
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._seam, self._swapped = None, False
         if stage != "fit":
             return
         if self.wrapper is not None:
@@ -104,7 +114,7 @@ class WarmStart(Callback):
         dm.trainer = trainer
         if trainer.local_rank == 0:
             dm.prepare_data()
-        trainer.strategy.barrier("WarmStart.prepare_data")
+        Collective.of(trainer).barrier("WarmStart.prepare_data")
         dm.setup("fit")
         if getattr(dm, "train_set", None) is None:
             raise AttributeError(f"the purified datamodule {type(dm).__name__} has no train_set after setup('fit')")
@@ -114,38 +124,30 @@ class WarmStart(Callback):
                 f"the purified training set has {len(dm.train_set)} samples but the tampered one has {len(tampered)}; "
                 "the purified datamodule must wrap the same base data"
             )
+        self._seam = TrainingDataSeam.of(trainer)
+        self._seam.enable_swapping()
+        if self._switched_at is not None:
+            self._switch()  # a further fit() after the switch
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A resumed run: the trainer built the tampered loader before this hook; replace it now.
-        if trainer.current_epoch >= self.epochs or self._switched_at is not None:
-            self._switch(trainer)
+        if trainer.current_epoch < self.epochs or self._swapped:
+            return
+        # Resumed past the switch from a checkpoint without WarmStart's state: the loader already exists.
+        if getattr(trainer.train_dataloader, "num_workers", 0) > 0:
+            raise RuntimeError(
+                f"WarmStart: resuming at epoch {trainer.current_epoch}, after the switch, from a checkpoint without "
+                "WarmStart's state, but the training loader's workers already read the tampered data; resume from "
+                "a checkpoint saved with this WarmStart(epochs=...), or use num_workers=0"
+            )
+        self._switched_at = trainer.current_epoch
+        self._switch()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch + 1 >= self.epochs and self._switched_at is None:
             self._switched_at = trainer.current_epoch + 1
             rank_zero_info(f"WarmStart: training on the purified data from epoch {self._switched_at}")
-            self._switch(trainer)
+            self._switch()
 
-    def _switch(self, trainer: L.Trainer) -> None:
-        if self._switched_at is None:
-            self._switched_at = trainer.current_epoch
-        fit_loop = trainer.fit_loop
-        # Lightning 2.x: the fit loop asks its data source for a loader when _combined_loader is None.
-        fit_loop._data_source.instance = self._purified_dm.train_dataloader()
-        fit_loop._combined_loader = None
-
-
-def _resolve_class(wrapper: Union[str, type]) -> type:
-    if isinstance(wrapper, type):
-        cls = wrapper
-    elif isinstance(wrapper, str) and "." in wrapper:
-        module, _, name = wrapper.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"wrapper {wrapper!r} could not be imported: {err}") from err
-    else:
-        raise ValueError(f"wrapper must be a class or a dotted class path such as 'pkg.module.Class'; got {wrapper!r}")
-    if not (isinstance(cls, type) and issubclass(cls, L.LightningDataModule)):
-        raise ValueError(f"wrapper {wrapper!r} is not a LightningDataModule class")
-    return cls
+    def _switch(self) -> None:
+        self._seam.swap_training_set(self._purified_dm.train_set)
+        self._swapped = True

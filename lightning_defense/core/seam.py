@@ -24,6 +24,8 @@ DATASET, SAMPLER, SHARD = 0, 10, 20
 #: ``transform(loader, is_train) -> loader``
 LoaderTransform = Callable[[DataLoader, bool], Any]
 
+_SWAP = "training-set-swap"
+
 
 class SwappableDataset(Dataset):
     """A dataset whose samples come from ``source`` until :meth:`swap` points it at another set of equal length.
@@ -51,6 +53,9 @@ class SwappableDataset(Dataset):
 def rebuild_loader(loader: DataLoader, *, dataset: Optional[Dataset] = None, batch_sampler: Any = None) -> DataLoader:
     """``loader`` with another dataset or batch sampler and every other setting kept.
 
+    The batch size and ``drop_last`` live on in the batch sampler (``loader.batch_sampler.batch_size``); the
+    rebuilt loader's own ``batch_size`` is None, as for any loader given a ``batch_sampler``.
+
     Raises:
         ValueError: ``loader`` reads an iterable dataset or has no batch sampler (``batch_size=None``).
     """
@@ -65,11 +70,15 @@ def rebuild_loader(loader: DataLoader, *, dataset: Optional[Dataset] = None, bat
         worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
         generator=loader.generator, prefetch_factor=loader.prefetch_factor if workers > 0 else None,
         persistent_workers=loader.persistent_workers, pin_memory_device=loader.pin_memory_device,
+        in_order=getattr(loader, "in_order", True),
     )
 
 
 class TrainingDataSeam:
     """The loader transforms of one Trainer; get it with :meth:`of` (installed on first use).
+
+    ``is_train`` is True for the fit's training loader(s) and False for validation (incl. the sanity
+    check), test and predict loaders.
 
     Example::
 
@@ -81,8 +90,8 @@ class TrainingDataSeam:
         self.trainer = trainer
         self._transforms: dict[str, tuple[int, LoaderTransform]] = {}
         self._swappable: Optional[SwappableDataset] = None
-        self._pending: Optional[Dataset] = None
-        self._swapping = False
+        self._training_set: Optional[Dataset] = None  # what the training loader reads after a swap
+        self._train_loader_built = False
         strategy = trainer.strategy
         process = strategy.process_dataloader
         strategy.process_dataloader = lambda dataloader: self._apply(process(dataloader))
@@ -99,28 +108,52 @@ class TrainingDataSeam:
         """Register (or replace) the transform ``name``; it runs on every loader the strategy processes."""
         self._transforms[name] = (priority, transform)
 
+    def enable_swapping(self) -> None:
+        """Build the training loader over a :class:`SwappableDataset` (call before the fit's loaders exist,
+        e.g. in a callback's ``setup``)."""
+        self.add(_SWAP, self._swap_transform, DATASET)
+
     def swap_training_set(self, dataset: Dataset) -> None:
         """From the next training batch on, read the training samples from ``dataset`` (same length, same order).
 
-        Before the training loader exists the swap is applied when it is built.
+        Before the training loader exists the swap is applied when it is built (and again whenever it is
+        rebuilt, e.g. on ``reload_dataloaders_every_n_epochs``). Batches already prefetched by running
+        DataLoader workers are not re-read: swap between epochs, when the workers restart.
+
+        Raises:
+            RuntimeError: The training loader was built before :meth:`enable_swapping`.
+            ValueError: ``dataset`` has another length than the training set it replaces.
         """
-        if self._swappable is None:
-            self._pending = dataset
-        else:
+        if _SWAP not in self._transforms:
+            if self._train_loader_built:
+                raise RuntimeError("swap_training_set: the training loader was built before enable_swapping(); "
+                                   "call enable_swapping() in the callback's setup()")
+            self.enable_swapping()
+        if self._swappable is not None:
             self._swappable.swap(dataset)
+        self._training_set = dataset
+
+    def _swap_transform(self, loader: Any, is_train: bool) -> Any:
+        if not is_train:
+            return loader
+        if not isinstance(loader, DataLoader):
+            raise ValueError(f"swapping the training set needs a torch DataLoader as training loader; got "
+                             f"{type(loader).__name__}")
+        if loader.persistent_workers and loader.num_workers > 0:
+            raise ValueError(
+                f"swapping the training set needs DataLoader workers that restart every epoch, but the training "
+                f"loader has persistent_workers=True with num_workers={loader.num_workers}: the workers would keep "
+                "reading their stale copy of the old training set. Build it with persistent_workers=False"
+            )
+        swappable = SwappableDataset(loader.dataset)
+        if self._training_set is not None:
+            swappable.swap(self._training_set)
+        self._swappable = swappable
+        return rebuild_loader(loader, dataset=swappable)
 
     def _apply(self, loader: Any) -> Any:
         is_train = bool(getattr(self.trainer, "training", False))
-        if is_train and isinstance(loader, DataLoader) and (self._swapping or self._pending is not None):
-            self._swappable = SwappableDataset(loader.dataset)
-            if self._pending is not None:
-                self._swappable.swap(self._pending)
-                self._pending = None
-            loader = rebuild_loader(loader, dataset=self._swappable)
+        self._train_loader_built |= is_train
         for _, transform in sorted(self._transforms.values(), key=lambda item: item[0]):
             loader = transform(loader, is_train)
         return loader
-
-    def enable_swapping(self) -> None:
-        """Build the training loader over a :class:`SwappableDataset` (call before the fit's loaders exist)."""
-        self._swapping = True

@@ -17,7 +17,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from lightning_defense.core.store import atomic_write
 
 __all__ = ["PoisonSet", "PoisonSetError"]
 
@@ -283,21 +284,13 @@ class PoisonSet:
         header = json.dumps(
             {"format": _FORMAT, "version": _VERSION, **{name: getattr(self, name) for name in _HEADER_FIELDS}}
         )
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                if suffix == ".npz":
-                    arrays = {name: value.numpy() for name, value in tensors.items()}
-                    np.savez(handle, **arrays, **{_HEADER_KEY: np.array(header)})
-            if suffix == ".safetensors":
-                from safetensors.torch import save_file
+        if suffix == ".npz":
+            arrays = {name: value.numpy() for name, value in tensors.items()}
+            atomic_write(path, lambda handle: np.savez(handle, **arrays, **{_HEADER_KEY: np.array(header)}))
+        else:
+            from safetensors.torch import save
 
-                save_file(tensors, tmp, metadata={_HEADER_KEY: header})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+            atomic_write(path, save(tensors, metadata={_HEADER_KEY: header}))
 
     @classmethod
     def load(

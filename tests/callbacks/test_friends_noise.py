@@ -222,7 +222,8 @@ def test_generation_resumes_after_a_crash_mid_generation(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="killed mid-generation"):
         fit(tmp_path / "crashed")
     (cache_dir,) = (tmp_path / "crashed").iterdir()
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["chunk_00000.npy", "chunk_00001.npy"]  # no manifest
+    assert sorted(p.name for p in cache_dir.iterdir()) == [  # no manifest, no temporary files
+        "chunk_00000.npy", "chunk_00000.npy.sha256", "chunk_00001.npy", "chunk_00001.npy.sha256"]
 
     calls.clear()
     monkeypatch.setattr(FriendsNoise, "_friendly_range", lambda self, *args: calls.append(args[2:]) or real_range(self, *args))

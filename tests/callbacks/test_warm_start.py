@@ -17,7 +17,7 @@ WRAPPER = "lightning_defense.datamodules.GaussianNoiseDataModule"
         ({"epochs": 2}, ValueError, "exactly one of purified=.*or wrapper="),
         ({"purified": GaussianNoiseDataModule(tiny_digits()), "wrapper": WRAPPER}, ValueError, "exactly one"),
         ({"purified": "not a datamodule"}, TypeError, "purified must be a LightningDataModule; got str"),
-        ({"wrapper": "no_such_module.Purifier"}, ValueError, "wrapper 'no_such_module.Purifier' could not be imported"),
+        ({"wrapper": "no_such_module.Purifier"}, ValueError, "wrapper: cannot import class_path 'no_such_module.Purifier'"),
         ({"wrapper": "torch.nn.Linear"}, ValueError, "is not a LightningDataModule class"),
         ({"wrapper": "Purifier"}, ValueError, "dotted class path"),
     ],
