@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from lightning_defense.certify._training import build_model, train_and_vote
+from lightning_defense.certify import build_model, train_and_vote
 from lightning_defense.datamodules import DigitsDataModule, GaussianNoiseDataModule
 
 

@@ -27,6 +27,8 @@ from lightning_defense.certify.smoothing import (
     predict,
     two_class_radius,
 )
+from lightning_defense.certify.training import build_model, train_and_vote
+from lightning_defense.certify.votes import VoteStore
 
 __all__ = [
     "ABSTAIN",
@@ -35,6 +37,8 @@ __all__ = [
     "CertificateBatch",
     "CertificationResult",
     "TrainingOptions",
+    "VoteStore",
+    "build_model",
     "certified_accuracy",
     "certify",
     "certify_batch",
@@ -49,5 +53,6 @@ __all__ = [
     "plot_runs",
     "predict",
     "run_certification",
+    "train_and_vote",
     "two_class_radius",
 ]

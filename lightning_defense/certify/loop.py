@@ -12,16 +12,16 @@ hash is i mod k; the certificate is the number of inserted/removed training samp
 survives.
 
 The trainings are sharded over every DDP rank (``lightning.fabric``), several small models train at
-once per device (``training.models_per_batch``), and each model's votes are stored atomically as soon
-as it finishes, so an interrupted run resumes at the next untrained model.
+once per device (``training.models_per_batch``), and each model's votes are stored atomically, with
+their SHA-256, as soon as it finishes (:class:`~lightning_defense.certify.votes.VoteStore`), so an
+interrupted run resumes at the next untrained model; a damaged votes file is reported and retrained.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import importlib
 import inspect
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -34,10 +34,8 @@ import numpy as np
 import torch
 from scipy.stats import norm
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from lightning_defense.certify._training import build_model, train_and_vote
-from lightning_defense.core.collective import Collective
-from lightning_defense.certify._votes import VoteStore, canonical
 from lightning_defense.certify.dpa import dpa_certificate_batch, dpa_partition, median_certified_size
 from lightning_defense.certify.smoothing import (
     ABSTAIN,
@@ -45,7 +43,12 @@ from lightning_defense.certify.smoothing import (
     certify_batch,
     plot_certified_accuracy,
 )
+from lightning_defense.certify.training import build_model, train_and_vote
+from lightning_defense.certify.votes import VoteStore
 from lightning_defense.core.batch import dataset_tensors, to_float_image
+from lightning_defense.core.collective import Collective
+from lightning_defense.core.config import resolve_class
+from lightning_defense.core.store import atomic_write, canonical, fingerprint
 from lightning_defense.models.classifier import ImageClassifier
 
 __all__ = [
@@ -60,7 +63,7 @@ MODES = ("smoothing", "dpa")
 SELECTIONS = ("split", "all")
 DEFAULT_SMOOTHING = {"class_path": "lightning_defense.datamodules.GaussianNoiseDataModule", "init_args": {}}
 """Training-data Gaussian noise (RAB), the default smoothing wrapper; its sigma comes from ``sigma``."""
-FORMAT_VERSION = 1  # bump when the training loop changes what a model's votes are
+FORMAT_VERSION = 2  # bump when the training loop changes what a model's votes are (2: core fingerprints, digests)
 
 CERTIFICATES_CSV = "certificates.csv"
 CURVE_CSV = "certified_accuracy.csv"
@@ -125,19 +128,48 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
 
 
-def _import_class(path: str, what: str) -> type:
-    module_name, _, name = path.rpartition(".")
-    if not module_name:  # a bare class name, as jsonargparse allows: look in the datamodules
-        module_name = "lightning_defense.datamodules"
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"{what} {path!r} cannot be imported ({err}); give a full path like "
-                         f"'lightning_defense.datamodules.GaussianNoiseDataModule'") from err
-    cls = getattr(module, name, None)
-    if not isinstance(cls, type):
-        raise ValueError(f"{what} {path!r}: module {module_name!r} has no class {name!r}")
-    return cls
+def _check_arguments(data, model, smoothing, mode, num_models, n0, selection, alpha, sigma, training, max_models):
+    """Every argument checked before any process starts.
+
+    Returns:
+        ``(training, model_args, wrapper, sigma)``: :class:`TrainingOptions`, the ImageClassifier arguments,
+        the smoothing wrapper's ``(class, init_args)`` (None for DPA) and the radius' sigma.
+    """
+    training = training if training is not None else TrainingOptions()
+    if isinstance(training, Mapping):
+        training = TrainingOptions(**training)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS} ('split': n0 models select, the rest estimate; "
+                         f"'all': all m models do both, as the paper); got {selection!r}")
+    _check_int("num_models", num_models, 2 if mode == "smoothing" else 1)
+    if mode == "smoothing":
+        _check_int("n0", n0, 1)
+        if selection == "split" and n0 >= num_models:
+            raise ValueError(f"n0 must be < num_models so that n = m - n0 >= 1 models estimate pA; "
+                             f"got n0={n0}, num_models={num_models}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1); got {alpha}")
+    _check_int("training.max_epochs", training.max_epochs, 1)
+    _check_int("training.models_per_batch", training.models_per_batch, 1)
+    if training.limit_train_batches is not None:
+        _check_int("training.limit_train_batches", training.limit_train_batches, 1)
+    if max_models is not None:
+        _check_int("max_models", max_models, 0)
+    model_args = dict(model or {})
+    for linked in ("num_classes", "in_chans"):
+        if linked in model_args:
+            raise ValueError(f"model.{linked} comes from the datamodule; remove it from the model arguments")
+    wrapper = None
+    if mode == "smoothing":
+        wrapper_cls, wrapper_args, sigma = resolve_smoothing(smoothing if smoothing is not None else DEFAULT_SMOOTHING, sigma)
+        wrapper = (wrapper_cls, wrapper_args)
+    elif smoothing is not None:
+        raise ValueError("mode 'dpa' partitions the training set as it is; set smoothing to null")
+    if not isinstance(data, L.LightningDataModule):
+        raise ValueError(f"data must be a LightningDataModule; got {type(data).__name__}")
+    return training, model_args, wrapper, sigma
 
 
 def resolve_smoothing(smoothing: Mapping, sigma: Optional[float]) -> tuple[type, dict, float]:
@@ -159,12 +191,8 @@ def resolve_smoothing(smoothing: Mapping, sigma: Optional[float]) -> tuple[type,
     unknown = set(smoothing) - {"class_path", "init_args"}
     if unknown:
         raise ValueError(f"smoothing takes only class_path and init_args; got also {sorted(unknown)}")
-    cls = _import_class(str(smoothing["class_path"]), "smoothing.class_path")
-    if not issubclass(cls, L.LightningDataModule):
-        raise ValueError(
-            f"smoothing.class_path {smoothing['class_path']!r} is not a LightningDataModule wrapper "
-            "(e.g. GaussianNoiseDataModule or DiffusionPurifiedDataModule)"
-        )
+    cls = resolve_class(smoothing["class_path"], L.LightningDataModule, "smoothing.class_path",
+                        default_module="lightning_defense.datamodules")
     init_args = dict(smoothing.get("init_args") or {})
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -221,29 +249,6 @@ def _with_defaults(cls: type, args: Mapping, skip: set) -> dict:
     return full
 
 
-def _digest(*tensors: Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _write_csv(path: Path, header: Sequence[str], rows) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
-
-
-def _vote_counts(votes: np.ndarray, num_classes: int) -> np.ndarray:
-    """(M, T) votes -> (T, K) counts."""
-    return (votes[:, :, None] == np.arange(num_classes)).sum(axis=0).astype(np.int64)
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -280,7 +285,8 @@ def run_certification(
     training samples with ``dpa_partition(images, k) == i``; ``smoothing``, n0, selection and alpha are
     not used.
 
-    Outputs in ``output_dir`` (global rank 0): ``votes/`` (one file per model, the resume state),
+    Outputs in ``output_dir`` (global rank 0): ``votes/`` (one file per model with its SHA-256, the resume
+    state; a file that fails its check is reported and the model trained again),
     ``certificates.csv``, ``certified_accuracy.csv`` and ``.png``, ``summary.json``.
 
     With more than one process (``training.devices`` or ``num_nodes``) the loop launches DDP itself,
@@ -327,52 +333,68 @@ def run_certification(
         )
         print(result.summary["certified_accuracy"])
     """
-    training = training if training is not None else TrainingOptions()
-    if isinstance(training, Mapping):
-        training = TrainingOptions(**training)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS} ('split': n0 models select, the rest estimate; "
-                         f"'all': all m models do both, as the paper); got {selection!r}")
-    _check_int("num_models", num_models, 2 if mode == "smoothing" else 1)
-    if mode == "smoothing":
-        _check_int("n0", n0, 1)
-        if selection == "split" and n0 >= num_models:
-            raise ValueError(f"n0 must be < num_models so that n = m - n0 >= 1 models estimate pA; "
-                             f"got n0={n0}, num_models={num_models}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1); got {alpha}")
-    _check_int("training.max_epochs", training.max_epochs, 1)
-    _check_int("training.models_per_batch", training.models_per_batch, 1)
-    if training.limit_train_batches is not None:
-        _check_int("training.limit_train_batches", training.limit_train_batches, 1)
+    training, model_args, wrapper, sigma = _check_arguments(
+        data, model, smoothing, mode, num_models, n0, selection, alpha, sigma, training, max_models)
+    fabric = _launch(training)
+    collective = Collective(fabric)
+    setup = _set_up_data(data, fabric, collective, num_test_points, test_indices)
+    training_sets = _TrainingSets(setup, mode, num_models, wrapper, collective, collective_data_setup)
+
+    # Resume: rank 0 finds the models whose votes are already stored under this configuration's key.
+    output_dir = Path(output_dir)
+    key = _resume_key(mode, seed, setup, model_args, training, wrapper, num_models) if collective.rank == 0 else None
+    store, todo = _open_vote_store(collective, output_dir, key, num_models, setup)
     if max_models is not None:
-        _check_int("max_models", max_models, 0)
-    model_args = dict(model or {})
-    for linked in ("num_classes", "in_chans"):
-        if linked in model_args:
-            raise ValueError(f"model.{linked} comes from the datamodule; remove it from the model arguments")
-    if mode == "smoothing":
-        wrapper_cls, wrapper_args, sigma = resolve_smoothing(smoothing if smoothing is not None else DEFAULT_SMOOTHING, sigma)
-    elif smoothing is not None:
-        raise ValueError("mode 'dpa' partitions the training set as it is; set smoothing to null")
-    if not isinstance(data, L.LightningDataModule):
-        raise ValueError(f"data must be a LightningDataModule; got {type(data).__name__}")
+        todo = todo[:max_models]
 
-    from lightning.fabric import Fabric
+    # For i = 1..m: model i trains on D_i and votes on the test points (sharded over the ranks).
+    trained = _train_sharded(
+        collective, todo, 1 if mode == "dpa" else training.models_per_batch, store, training_sets,
+        build=lambda i: build_model(model_args, setup.num_classes, setup.in_chans, seed, i),
+        test_images=setup.test_images, seed=seed, training=training, batch_size=setup.batch_size,
+        progress_bar=progress_bar and collective.rank == 0,
+    )
 
+    # CERTIFY (or DPA's plurality vote) once every model has voted.
+    return _certify_and_write(collective, store, output_dir, trained, setup, mode, num_models, n0, selection,
+                              alpha, sigma, training_sets.partition, report_radii)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def _launch(training: TrainingOptions) -> L.Fabric:
+    """One process per device: Fabric's DDP (re-running the script per process), or this process alone."""
     single = training.devices in (1, "1") and training.num_nodes == 1
-    fabric = Fabric(
+    fabric = L.Fabric(
         accelerator=training.accelerator, devices=training.devices, num_nodes=training.num_nodes,
         strategy="auto" if single else "ddp",
     )
     fabric.launch()
-    rank0, world = fabric.global_rank == 0, fabric.world_size
+    return fabric
 
+
+@dataclass
+class _Data:
+    """The configured data as the loop uses it: the training split as tensors and the certified test points."""
+
+    module: L.LightningDataModule
+    num_classes: int
+    in_chans: int
+    batch_size: int
+    train_images: Tensor
+    train_labels: Tensor
+    test_indices: np.ndarray
+    test_images: Tensor
+    test_labels: Tensor
+
+
+def _set_up_data(data: L.LightningDataModule, fabric: L.Fabric, collective: Collective,
+                 num_test_points: Optional[int], test_indices: Optional[Sequence[int]]) -> _Data:
+    """``prepare_data`` once per node, ``setup`` on every rank, then the training split and the test points."""
     if fabric.local_rank == 0:
         data.prepare_data()
-    fabric.barrier()
+    collective.barrier("certify: prepare_data")
     data.setup("fit")
     if getattr(data, "test_set", None) is None:
         data.setup("test")
@@ -380,87 +402,44 @@ def run_certification(
     if not num_classes or not in_chans or getattr(data, "train_set", None) is None or data.test_set is None:
         raise ValueError(f"{type(data).__name__} must expose num_classes, num_channels, train_set and test_set")
     indices, test_images, test_labels = _test_points(data.test_set, num_test_points, test_indices)
-    batch_size = int(getattr(data, "batch_size", 128))
+    train_images, train_labels = dataset_tensors(data.train_set)
+    return _Data(data, num_classes, in_chans, int(getattr(data, "batch_size", 128)), train_images, train_labels,
+                 indices, test_images, test_labels)
 
-    base_images, base_labels = dataset_tensors(data.train_set)
-    if mode == "dpa":
-        partition = dpa_partition(base_images, num_models)
-        models_per_batch = 1
-    else:
-        partition = None
-        models_per_batch = training.models_per_batch
 
-    def training_data(i: int):
-        """Model i's training set (a Dataset), set up by the smoothing wrapper with draw i, or DPA partition i."""
-        if mode == "dpa":
-            keep = partition == i
-            return base_images[keep], base_labels[keep]
-        wrapper = wrapper_cls(base=data, seed=i, **wrapper_args)
+class _TrainingSets:
+    """D_i, model i's training set: draw ``seed=i`` of the smoothing wrapper over the data (Hong et al.,
+    Pseudocode 2), or partition i of the training samples (DPA, Levine & Feizi).
+
+    ``shared`` (smoothing under DDP): every rank sets up every model's set of a round together, for
+    wrappers whose setup runs collectives (see ``collective_data_setup`` of :func:`run_certification`).
+    """
+
+    def __init__(self, data: _Data, mode: str, num_models: int, wrapper: Optional[tuple[type, dict]],
+                 collective: Collective, collective_data_setup: Optional[bool]) -> None:
+        self.data, self.wrapper, self.collective = data, wrapper, collective
+        self.partition = dpa_partition(data.train_images, num_models) if mode == "dpa" else None
+        self.shared = False
+        if mode == "smoothing" and collective.world_size > 1:
+            self.shared = (collective_data_setup if collective_data_setup is not None
+                           else _setup_is_collective(wrapper[0]))
+
+    def set_up(self, i: int):
+        """Model i's training set: a Dataset set up by the smoothing wrapper, or DPA's ``(images, labels)``."""
+        if self.partition is not None:
+            keep = self.partition == i
+            return self.data.train_images[keep], self.data.train_labels[keep]
+        wrapper_cls, wrapper_args = self.wrapper
+        wrapper = wrapper_cls(base=self.data.module, seed=i, **wrapper_args)
         if hasattr(wrapper, "use_collective"):
-            wrapper.use_collective(Collective(fabric))
+            wrapper.use_collective(self.collective)
         wrapper.prepare_data()
         wrapper.setup("fit")
         return wrapper.train_set
 
-    collective = False
-    if mode == "smoothing" and world > 1:
-        collective = collective_data_setup if collective_data_setup is not None else _setup_is_collective(wrapper_cls)
-
-    output_dir = Path(output_dir)
-    store, todo, error = None, None, None
-    if rank0:
-        key = {
-            "format": FORMAT_VERSION,
-            "mode": mode,
-            "seed": seed,
-            "data": {"class": f"{type(data).__module__}.{type(data).__qualname__}",
-                     "train_sha256": _digest(base_images, base_labels),
-                     "test_sha256": _digest(torch.as_tensor(indices), test_images, test_labels)},
-            "model": _with_defaults(ImageClassifier, model_args, {"num_classes", "in_chans"}),
-            "training": {"max_epochs": training.max_epochs, "limit_train_batches": training.limit_train_batches,
-                         "batch_size": batch_size},
-        }
-        if mode == "smoothing":  # m is not in the key: a larger m reuses the models already trained
-            key["smoothing"] = {"class_path": f"{wrapper_cls.__module__}.{wrapper_cls.__qualname__}",
-                                "init_args": _with_defaults(wrapper_cls, wrapper_args, {"base", "seed"})}
-        else:
-            key["num_partitions"] = num_models
-        try:
-            store = VoteStore(output_dir / "votes", key, len(indices), num_classes)
-            done = store.done(num_models)
-            todo = [i for i in range(num_models) if i not in set(done)]
-            if done:
-                fabric.print(f"certify: resuming in {output_dir}: {len(done)} of {num_models} models already done")
-        except ValueError as err:
-            error = str(err)
-    todo, error = fabric.broadcast((todo, error), src=0)
-    if error:
-        raise ValueError(error)
-    if max_models is not None:
-        todo = todo[:max_models]
-
-    trained = _train_sharded(
-        fabric, todo, models_per_batch, store,
-        build=lambda i: build_model(model_args, num_classes, in_chans, seed, i),
-        training_data=training_data, collective=collective, test_images=test_images, seed=seed, training=training,
-        batch_size=batch_size, progress_bar=progress_bar and rank0,
-    )
-
-    result = CertificationResult(output_dir=output_dir, complete=False, trained=trained)
-    if rank0 and len(store.done(num_models)) == num_models:
-        votes = store.load(list(range(num_models)))
-        labels = test_labels.numpy()
-        if mode == "smoothing":
-            summary, files = _smoothing_outputs(output_dir, votes, labels, indices, num_classes, n0, selection,
-                                                alpha, sigma, report_radii)
-        else:
-            summary, files = _dpa_outputs(output_dir, votes, labels, indices, num_classes, partition, report_radii)
-        result = CertificationResult(output_dir, True, trained, votes, summary, files)
-    fabric.barrier()
-    complete = fabric.broadcast(result.complete, src=0)
-    if not rank0:
-        result.complete = complete
-    return result
+    @staticmethod
+    def tensors(training_set) -> tuple[Tensor, Tensor]:
+        return training_set if isinstance(training_set, tuple) else dataset_tensors(training_set)
 
 
 def _setup_is_collective(wrapper_cls: type) -> bool:
@@ -471,51 +450,135 @@ def _setup_is_collective(wrapper_cls: type) -> bool:
     return any(c.__name__ == "DiffusionPurifiedDataModule" for c in wrapper_cls.__mro__)
 
 
-def _train_sharded(fabric, todo, models_per_batch, store, *, build, training_data, collective, test_images, seed,
-                   training, batch_size, progress_bar) -> list[int]:
+# --------------------------------------------------------------------------- resume
+
+
+def _resume_key(mode: str, seed: int, data: _Data, model_args: dict, training: TrainingOptions,
+                wrapper: Optional[tuple[type, dict]], num_models: int) -> dict:
+    """Everything that determines a model's votes. In smoothing mode m is not in it: a larger m reuses the
+    models already trained."""
+    key = {
+        "format": FORMAT_VERSION,
+        "mode": mode,
+        "seed": seed,
+        "data": {"class": f"{type(data.module).__module__}.{type(data.module).__qualname__}",
+                 "train_sha256": fingerprint(data.train_images, data.train_labels),
+                 "test_sha256": fingerprint(data.test_indices, data.test_images, data.test_labels)},
+        "model": _with_defaults(ImageClassifier, model_args, {"num_classes", "in_chans"}),
+        "training": {"max_epochs": training.max_epochs, "limit_train_batches": training.limit_train_batches,
+                     "batch_size": data.batch_size},
+    }
+    if wrapper is not None:
+        wrapper_cls, wrapper_args = wrapper
+        key["smoothing"] = {"class_path": f"{wrapper_cls.__module__}.{wrapper_cls.__qualname__}",
+                            "init_args": _with_defaults(wrapper_cls, wrapper_args, {"base", "seed"})}
+    else:
+        key["num_partitions"] = num_models
+    return key
+
+
+def _open_vote_store(collective: Collective, output_dir: Path, key: Optional[dict], num_models: int,
+                     data: _Data) -> tuple[Optional[VoteStore], list[int]]:
+    """Rank 0 opens ``output_dir/votes`` and lists the models without intact votes; every rank gets the list.
+
+    Returns ``(store, todo)``; the store is None on the other ranks.
+
+    Raises:
+        ValueError: On every rank, when the directory holds votes of another configuration.
+    """
+    store, todo, error = None, None, None
+    if collective.rank == 0:
+        try:
+            store = VoteStore(output_dir / "votes", key, len(data.test_indices), data.num_classes)
+            done = store.done(num_models)
+            todo = [i for i in range(num_models) if i not in set(done)]
+            if done:
+                print(f"certify: resuming in {output_dir}: {len(done)} of {num_models} models already done")
+        except ValueError as err:
+            error = str(err)
+    todo, error = collective.broadcast((todo, error), src=0)
+    if error:
+        raise ValueError(error)
+    return store, todo
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _train_sharded(collective: Collective, todo: list[int], models_per_batch: int, store: Optional[VoteStore],
+                   training_sets: _TrainingSets, *, build, test_images: Tensor, seed: int, training: TrainingOptions,
+                   batch_size: int, progress_bar: bool) -> list[int]:
     """Rounds of ``world * models_per_batch`` models: each rank trains its share, rank 0 stores all.
 
-    With ``collective`` every rank sets up every model's training set of the round, in the same order (a
-    wrapper like DiffusionPurifiedDataModule then shares each draw's purification over the ranks), and
-    reads only its own; otherwise each rank sets up only its own models' sets.
+    With ``training_sets.shared`` every rank sets up every model's training set of the round, in the same
+    order (a wrapper like DiffusionPurifiedDataModule then shares each draw's purification over the
+    ranks), and reads only its own; otherwise each rank sets up only its own models' sets. Returns the
+    models trained, in order (the same on every rank).
     """
-    from tqdm.auto import tqdm
-
-    world, rank = fabric.world_size, fabric.global_rank
+    world, rank = collective.world_size, collective.rank
     per_round = world * models_per_batch
-    trained: list[int] = []
     bar = tqdm(total=len(todo), desc="certify: models", unit="model", disable=not progress_bar)
     for start in range(0, len(todo), per_round):
         chunk = todo[start : start + per_round]
         mine = chunk[rank * models_per_batch : (rank + 1) * models_per_batch]
-        votes = torch.full((models_per_batch, len(test_images)), -1, dtype=torch.long)
-        ids = torch.full((models_per_batch,), -1, dtype=torch.long)
-        if collective:
-            sets = {i: training_data(i) for i in chunk}
-        else:
-            sets = {i: training_data(i) for i in mine}
+        sets = {i: training_sets.set_up(i) for i in (chunk if training_sets.shared else mine)}
+        votes = {}
         if mine:
-            data = [sets[i] if isinstance(sets[i], tuple) else dataset_tensors(sets[i]) for i in mine]
-            votes[: len(mine)] = train_and_vote(
-                [build(i) for i in mine], mine, data, test_images, seed=seed, max_epochs=training.max_epochs,
-                batch_size=batch_size, limit_train_batches=training.limit_train_batches, device=fabric.device,
-                use_vmap=len(mine) > 1,
+            group = train_and_vote(
+                [build(i) for i in mine], mine, [training_sets.tensors(sets[i]) for i in mine], test_images,
+                seed=seed, max_epochs=training.max_epochs, batch_size=batch_size,
+                limit_train_batches=training.limit_train_batches, device=collective.device, use_vmap=len(mine) > 1,
             )
-            ids[: len(mine)] = torch.as_tensor(mine)
-        if world > 1:
-            votes = fabric.all_gather(votes.to(fabric.device)).cpu().flatten(0, 1)
-            ids = fabric.all_gather(ids.to(fabric.device)).cpu().flatten(0, 1)
+            votes = dict(zip(mine, group.numpy()))
+        gathered = collective.gather(votes)
         if rank == 0:
-            for i, v in zip(ids.tolist(), votes):
-                if i >= 0:
-                    store.save(i, v.numpy())
-        trained += [i for i in ids.tolist() if i >= 0]
+            for part in gathered:
+                for i, model_votes in part.items():
+                    store.save(i, model_votes)
         bar.update(len(chunk))
     bar.close()
-    return trained
+    return list(todo)
 
 
 # --------------------------------------------------------------------------- outputs
+
+
+def _certify_and_write(collective: Collective, store: Optional[VoteStore], output_dir: Path, trained: list[int],
+                       data: _Data, mode: str, num_models: int, n0: int, selection: str, alpha: float,
+                       sigma: Optional[float], partition: Optional[Tensor], report_radii) -> CertificationResult:
+    """Rank 0 certifies the test points once all models' votes are stored, and writes the outputs; every
+    rank learns whether the run is complete."""
+    result = CertificationResult(output_dir=output_dir, complete=False, trained=trained)
+    if collective.rank == 0 and len(store.done(num_models)) == num_models:
+        votes = store.load(list(range(num_models)))
+        labels = data.test_labels.numpy()
+        if mode == "smoothing":
+            summary, files = _smoothing_outputs(output_dir, votes, labels, data.test_indices, data.num_classes, n0,
+                                                selection, alpha, sigma, report_radii)
+        else:
+            summary, files = _dpa_outputs(output_dir, votes, labels, data.test_indices, data.num_classes, partition,
+                                          report_radii)
+        result = CertificationResult(output_dir, True, trained, votes, summary, files)
+    collective.barrier("certify: outputs")
+    result.complete = collective.broadcast(result.complete, src=0)
+    return result
+
+
+def _vote_counts(votes: np.ndarray, num_classes: int) -> np.ndarray:
+    """(M, T) votes -> (T, K) counts."""
+    return (votes[:, :, None] == np.arange(num_classes)).sum(axis=0).astype(np.int64)
+
+
+def _write_csv(path: Path, header: Sequence[str], rows) -> Path:
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return atomic_write(path, text.getvalue())
+
+
+def _write_summary(output_dir: Path, summary: dict) -> Path:
+    return atomic_write(output_dir / SUMMARY_JSON, json.dumps(canonical(summary), indent=2))
 
 
 def _curve(output_dir: Path, grid: np.ndarray, accuracy: np.ndarray, xname: str, label: str, xlabel: str,
@@ -525,14 +588,6 @@ def _curve(output_dir: Path, grid: np.ndarray, accuracy: np.ndarray, xname: str,
     png = plot_certified_accuracy({label: plot_grid or (grid, accuracy)}, output_dir / CURVE_PNG, title=title,
                                   xlabel=xlabel)
     return {"curve_csv": csv_path, "curve_png": png}
-
-
-def _write_summary(output_dir: Path, summary: dict) -> Path:
-    path = output_dir / SUMMARY_JSON
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(canonical(summary), indent=2))
-    os.replace(tmp, path)
-    return path
 
 
 def _smoothing_outputs(output_dir, votes, labels, indices, num_classes, n0, selection, alpha, sigma, report_radii):

@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy.stats import beta, binomtest, norm
 
+from lightning_defense.core.store import atomic_write
+
 __all__ = [
     "ABSTAIN",
     "Certificate",
@@ -397,6 +399,4 @@ def plot_certified_accuracy(
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png")
-    return path
+    return atomic_write(path, lambda handle: fig.savefig(handle, format="png"))

@@ -11,10 +11,17 @@ import torch
 from scipy.stats import beta, norm
 
 import lightning_defense.certify.loop as loop
-from lightning_defense.certify import TrainingOptions, dpa_certificate_batch, dpa_partition, run_certification
-from lightning_defense.certify._training import build_model, train_and_vote
-from lightning_defense.certify._votes import VoteStore
+from lightning_defense.certify import (
+    TrainingOptions,
+    VoteStore,
+    build_model,
+    dpa_certificate_batch,
+    dpa_partition,
+    run_certification,
+    train_and_vote,
+)
 from lightning_defense.cli import main
+from lightning_defense.core.store import DIGEST_SUFFIX, CorruptStoreError, file_digest
 from lightning_defense.datamodules import DigitsDataModule, GaussianNoiseDataModule
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,7 +128,8 @@ def test_resume_after_interruption_retrains_nothing(tmp_path, monkeypatch):
         tiny_run(tmp_path)
     assert calls == [[2], [3]]
     assert sorted(p.name for p in (tmp_path / "votes").iterdir()) == [
-        "key.json", "model_000000.npy", "model_000001.npy", "model_000002.npy"]
+        "key.json", "model_000000.npy", "model_000000.npy.sha256", "model_000001.npy", "model_000001.npy.sha256",
+        "model_000002.npy", "model_000002.npy.sha256"]
 
     calls.clear()
     crash_on.clear()
@@ -140,13 +148,54 @@ def test_resume_after_interruption_retrains_nothing(tmp_path, monkeypatch):
 def test_vote_store_rejects_bad_files(tmp_path):
     store = VoteStore(tmp_path, {"a": 1}, num_test_points=3, num_classes=10)
     store.save(0, np.array([1, 2, 3]))
-    np.save(store.path(1), np.array([1, 2, 30]))
-    with pytest.raises(ValueError, match=r"model 1 .*classes in \[0, 10\)"):
+    store.records.save_array(store.name(1), np.array([1, 2, 30]))  # digest matches, votes out of range
+    with pytest.raises(CorruptStoreError, match=r"model 1 .*model_000001\.npy must be classes in \[0, 10\)"):
         store.load([0, 1])
+    with pytest.warns(UserWarning, match=r"model_000001\.npy must be classes"):
+        assert store.done(2) == [0]  # reported, removed, and so trained again
+    assert not store.path(1).exists()
     with pytest.raises(ValueError, match="3 integers"):
         store.save(2, np.array([1, 2]))
     with pytest.raises(FileNotFoundError, match="model 5"):
         store.load([5])
+
+
+def flip_a_vote(path):
+    """Changes one stored vote to another class: still a valid .npy with votes in range, but not its digest."""
+    votes, raw = np.load(path), bytearray(path.read_bytes())
+    first = len(raw) - votes.nbytes  # the little-endian int64 data ends the file
+    raw[first] = (raw[first] + 1) % 10
+    path.write_bytes(bytes(raw))
+    damaged = np.load(path)
+    assert 0 <= damaged.min() and damaged.max() < 10 and not np.array_equal(damaged, votes)
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-8])
+
+
+def truncate_and_rehash(path):
+    """A truncated file whose digest was (wrongly) written for the truncated bytes: unreadable as .npy."""
+    truncate(path)
+    path.with_name(path.name + DIGEST_SUFFIX).write_text(file_digest(path))
+
+
+@pytest.mark.parametrize("damage", [flip_a_vote, truncate, truncate_and_rehash])
+def test_damaged_votes_file_is_reported_and_retrained(tmp_path, damage):
+    clean = tiny_run(tmp_path)
+    certificates = (tmp_path / "certificates.csv").read_text()
+    damage(tmp_path / "votes" / "model_000002.npy")
+
+    key = json.loads((tmp_path / "votes" / "key.json").read_text())
+    store = VoteStore(tmp_path / "votes", key, num_test_points=30, num_classes=10)
+    with pytest.raises(CorruptStoreError, match=r"model_000002\.npy"):
+        store.load([0, 1, 2, 3])
+
+    with pytest.warns(UserWarning, match=r"model_000002\.npy.*model 2 will be trained again"):
+        again = tiny_run(tmp_path)
+    assert again.complete and again.trained == [2]
+    assert np.array_equal(again.votes, clean.votes)
+    assert (tmp_path / "certificates.csv").read_text() == certificates
 
 
 def test_dpa_end_to_end_on_digits(tmp_path):
@@ -174,8 +223,10 @@ def test_dpa_end_to_end_on_digits(tmp_path):
         (dict(n0=4), "n0 must be < num_models"),
         (dict(selection="first"), "selection must be one of"),
         (dict(mode="bagging"), "mode must be one of"),
-        (dict(smoothing={"class_path": "no_such_module.Noise"}), "smoothing.class_path 'no_such_module.Noise' cannot be imported"),
-        (dict(smoothing={"class_path": "lightning_defense.datamodules.Nope"}), "has no class 'Nope'"),
+        (dict(smoothing={"class_path": "no_such_module.Noise"}),
+         "smoothing.class_path: cannot import class_path 'no_such_module.Noise'"),
+        (dict(smoothing={"class_path": "lightning_defense.datamodules.Nope"}),
+         "cannot import class_path 'lightning_defense.datamodules.Nope'.*has no attribute 'Nope'"),
         (dict(smoothing={"class_path": "lightning_defense.models.ImageClassifier"}), "not a LightningDataModule"),
         (dict(smoothing={"class_path": "lightning_defense.datamodules.DigitsDataModule"}), "must accept base="),
         (dict(smoothing={"class_path": "GaussianNoiseDataModule", "init_args": {"seed": 3, "sigma": 0.5}}),

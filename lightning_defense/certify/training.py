@@ -32,6 +32,8 @@ from lightning_defense.core.recipe import sgd_with_steps
 from lightning_defense.core.rng import generator, seed_for
 from lightning_defense.models.classifier import ImageClassifier
 
+__all__ = ["build_model", "train_and_vote"]
+
 # Independent random streams of one model, keyed by (seed, model index, stream).
 INIT, SHUFFLE, AUGMENT = 0, 1, 2
 
