@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-SUBPACKAGES = ["attacks", "callbacks", "certify", "cli", "datamodules", "diffusion", "diffusion.denoiser", "models"]
+SUBPACKAGES = ["attacks", "callbacks", "certify", "cli", "datamodules", "diffusion", "diffusion.denoiser", "evaluate", "models"]
 
 # In one interpreter (torch and the other dependencies load once), import each subpackage first: forget every
 # lightning_defense module before the next, so each import starts from nothing of the package.

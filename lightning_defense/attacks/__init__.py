@@ -7,7 +7,6 @@ Every attack is a class whose constructor takes the threat model (``eps``, ``nor
 from lightning_defense.attacks._common import Attack, AttackGoal, apply_trigger, train_surrogate
 from lightning_defense.attacks.autoregressive import AutoregressivePerturbation
 from lightning_defense.attacks.error_minimizing import ErrorMinimizingNoise
-from lightning_defense.attacks.evaluation import EvaluationConfig, evaluate
 from lightning_defense.attacks.feature_collision import BullseyePolytope, PoisonFrogs
 from lightning_defense.attacks.linear_separable import LinearSeparablePerturbation
 from lightning_defense.attacks.metrics import AttackSuccessRate
@@ -22,7 +21,6 @@ __all__ = [
     "AutoregressivePerturbation",
     "BullseyePolytope",
     "ErrorMinimizingNoise",
-    "EvaluationConfig",
     "GradientMatchingAttack",
     "LinearSeparablePerturbation",
     "PoisonFrogs",
@@ -30,6 +28,5 @@ __all__ = [
     "UniversalRandomPerturbation",
     "WitchesBrew",
     "apply_trigger",
-    "evaluate",
     "train_surrogate",
 ]

@@ -50,6 +50,7 @@ from lightning_defense.attacks._common import (
 )
 from lightning_defense.datamodules.poison import PoisonSet
 from lightning_defense.core.store import atomic_write
+from lightning_defense.models.backbones import load_backbone
 from lightning_defense.models.classifier import ImageClassifier
 
 
@@ -105,8 +106,6 @@ def load_extractor(path: Union[str, Path], backbone: str = "small_cnn", backbone
                    num_classes: int, in_chans: int) -> ImageClassifier:
     """An :class:`ImageClassifier` whose backbone is read from a ``.safetensors`` state dict (never unpickled)."""
     from safetensors.torch import load_file
-
-    from lightning_defense.callbacks.pretrained_init import load_backbone
 
     model = ImageClassifier(backbone, num_classes=num_classes, in_chans=in_chans, backbone_kwargs=backbone_kwargs)
     load_backbone(model.backbone, load_file(str(path)), reset_head=False, source=f"extractor_path {str(path)!r}")

@@ -10,15 +10,15 @@ from __future__ import annotations
 import sys
 from typing import Callable, Optional
 
-from lightning_defense.cli import attacks, certify, purify, train_denoiser
+from lightning_defense.cli import certify, evaluate, poison, purify, train_denoiser
 from lightning_defense.cli.fit import DefenseCLI, build_cli
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 #: Command name -> function of the remaining arguments.
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
-    "poison": attacks.run_poison,
-    "evaluate": attacks.run_evaluate,
+    "poison": poison.run_poison,
+    "evaluate": evaluate.run_evaluate,
     "purify": purify.run_purify,
     "train-denoiser": train_denoiser.run_train_denoiser,
     "certify": certify.run_certify,
@@ -38,6 +38,3 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(f"lightning-defense: unknown command {argv[0]!r}; choose one of: {known}")
     build_cli(argv)
 
-
-if __name__ == "__main__":
-    main()

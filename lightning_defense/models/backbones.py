@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -99,3 +100,45 @@ def build_backbone(name: str, num_classes: int, in_chans: int, **kwargs) -> nn.M
     if not timm.list_models(name) and name.split(".")[0] not in timm.list_models():
         raise ValueError(f"unknown backbone {name!r}: use one of {sorted(BACKBONES)} or a timm model name")
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def head_module(backbone: nn.Module) -> Optional[nn.Module]:
+    """The classifier head: timm's ``get_classifier()``, else ``fc``; None if there is none."""
+    if hasattr(backbone, "get_classifier"):
+        head = backbone.get_classifier()
+        return head if isinstance(head, nn.Module) and any(True for _ in head.parameters()) else None
+    return getattr(backbone, "fc", None)
+
+
+def load_backbone(
+    backbone: nn.Module, state: dict[str, torch.Tensor], reset_head: bool = True, strict: bool = True, source: str = "the checkpoint"
+) -> None:
+    """Copy ``state`` into ``backbone``, skipping the head (or a head whose shape does not fit)."""
+    own = backbone.state_dict()
+    if not any(k in own for k in state):
+        for prefix in ("backbone.", "model.", "module."):
+            if any(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                break
+    head = head_module(backbone)
+    head_keys = set()
+    if head is not None:
+        name = next(n for n, m in backbone.named_modules() if m is head)
+        head_keys = {f"{name}.{k}" for k in head.state_dict()}
+    if reset_head:
+        state = {k: v for k, v in state.items() if k not in head_keys}
+    else:
+        state = {k: v for k, v in state.items() if not (k in head_keys and v.shape != own[k].shape)}
+    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(state) - head_keys)
+    unexpected = sorted(set(state) - set(own))
+    if mismatched or (strict and (missing or unexpected)):
+        raise ValueError(
+            f"{source} does not fit {type(backbone).__name__}: shape mismatches {mismatched[:5]}, "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''} (strict=False ignores missing/unexpected keys)"
+        )
+    with torch.no_grad():
+        for key, value in state.items():
+            if key in own:
+                own[key].copy_(value.to(own[key].dtype))

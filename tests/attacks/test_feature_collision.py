@@ -146,8 +146,8 @@ def test_evaluate_with_a_transfer_victim(extractor, tmp_path, monkeypatch):
     """
     from safetensors.torch import load_file, save_file
 
-    from lightning_defense.attacks import EvaluationConfig, evaluate
-    from lightning_defense.attacks import evaluation as evaluation_module
+    from lightning_defense.evaluate import EvaluationConfig, evaluate
+    from lightning_defense.evaluate import protocol as evaluation_module
 
     given = tmp_path / "extractor.safetensors"
     save_file({k: v.contiguous() for k, v in extractor.backbone.state_dict().items()}, str(given))

@@ -83,7 +83,7 @@ def test_fresh_victims_learn_the_backdoor_more_than_with_random_noise():
     gives backdoor success 0.075 and 0.40 on the two victims vs 0.025 and 0.025 with random noise and 0.0 on clean
     data; pair 4 -> 5 (goal seed 0) shows nothing (0.0). See BENCHMARKS.md.
     """
-    from lightning_defense.attacks.evaluation import Defense, EvaluationConfig, attack_success, train_victim
+    from lightning_defense.evaluate import Defense, EvaluationConfig, attack_success, train_victim
     from lightning_defense.datamodules import DigitsDataModule
 
     dm = DigitsDataModule(image_size=8)

@@ -63,7 +63,7 @@ def _victim(poisons, seed):
     import tempfile
     from pathlib import Path
 
-    from lightning_defense.attacks.evaluation import Defense, EvaluationConfig, attack_success, train_victim
+    from lightning_defense.evaluate import Defense, EvaluationConfig, attack_success, train_victim
 
     config = EvaluationConfig(
         data={"class_path": "lightning_defense.datamodules.DigitsDataModule",

@@ -7,9 +7,8 @@ import pytest
 import torch
 import yaml
 
-from lightning_defense.attacks import EvaluationConfig, evaluate
-from lightning_defense.attacks import evaluation as evaluate_module
-from lightning_defense.attacks.evaluation import Evaluation
+from lightning_defense.evaluate import Evaluation, EvaluationConfig, evaluate
+from lightning_defense.evaluate import protocol as evaluate_module
 from lightning_defense.cli import main
 from lightning_defense.datamodules import DigitsDataModule, PoisonSet
 
@@ -111,7 +110,8 @@ def test_configuration_errors(tmp_path):
         Evaluation(tiny_config(tmp_path, defenses=[{"name": "x", "wraper": {}}]))
     with pytest.raises(ValueError, match="cannot import class_path 'lightning_defense.attacks.Nope'"):
         Evaluation(tiny_config(tmp_path, attacks=[{"name": "a", "class_path": "lightning_defense.attacks.Nope"}]))
-    with pytest.raises(ValueError, match="is not a lightning_defense Attack"):
+    with pytest.raises(ValueError, match=r"attacks\[0\] \(a\): 'lightning_defense.attacks.AttackSuccessRate' is not a "
+                                         "Attack class"):
         Evaluation(tiny_config(tmp_path, attacks=[{"name": "a", "class_path": "lightning_defense.attacks.AttackSuccessRate"}]))
 
 
@@ -166,7 +166,7 @@ def test_goal_classes_out_of_range_are_an_error(tmp_path):
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_evaluate_configs_build(path):
     """Every ``evaluate`` config parses and builds its attacks, defenses and victims (no data is read)."""
-    from lightning_defense.cli.attacks import evaluation_config
+    from lightning_defense.cli.evaluate import evaluation_config
 
     evaluation = Evaluation(evaluation_config(["--config", str(path)]))
     assert evaluation.attacks and len(evaluation.defenses) >= 2
@@ -195,7 +195,7 @@ def test_poison_command_is_seeded_and_reproducible(tmp_path, capsys):
 def test_backdoor_success_counts_triggered_source_images():
     """attack_success pastes the trigger on the source-class test images and counts target-class predictions."""
     from lightning_defense.attacks import apply_trigger
-    from lightning_defense.attacks.evaluation import attack_success
+    from lightning_defense.evaluate import attack_success
     from lightning_defense.datamodules import IndexedDataset
 
     class PatchDetector(torch.nn.Module):  # predicts class 7 iff the bottom-right pixel is 1, else class 0
@@ -227,10 +227,12 @@ def test_every_loader_the_strategy_processes_becomes_a_rank_shard():
 
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+    from lightning_defense.evaluate import shard_loaders
+
     processed = []
     strategy = SimpleNamespace(process_dataloader=lambda loader: processed.append(loader) or loader)
     trainer = SimpleNamespace(strategy=strategy, global_rank=1, world_size=2)
-    evaluate_module._shard_loaders(trainer)
+    shard_loaders(trainer)
     data = TensorDataset(torch.arange(10))
     shard = trainer.strategy.process_dataloader(DataLoader(data, batch_size=4))
     assert [b[0].tolist() for b in shard] == [[1, 3], [5, 7], [9]]  # rank 1's half of batches 0-3, 4-7, 8-9
@@ -299,3 +301,68 @@ def test_evaluate_under_two_process_ddp_matches_one_process(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "victims trained with DDP on 2 processes" in proc.stdout
     assert clean.stat().st_mtime_ns == clean_stat and json.loads(urp.read_text()) == urp_record
+
+
+def _run(marker):
+    return {"class_path": "subprocess.run", "init_args": {"args": ["touch", str(marker)]}}
+
+
+@pytest.mark.parametrize("slot", ["data", "attack", "wrapper", "callbacks", "victim_callbacks"])
+def test_a_config_naming_a_callable_that_is_not_its_slots_class_is_refused_before_any_call(tmp_path, slot):
+    """``subprocess.run`` in any class slot is refused by its type (datamodule, attack, callback) unexecuted."""
+    marker = tmp_path / "ran"
+    overrides = {
+        "data": dict(data=_run(marker)),
+        "attack": dict(attacks=[{"name": "x", **_run(marker)}]),
+        "wrapper": dict(defenses=[{"name": "d", "wrapper": _run(marker)}]),
+        "callbacks": dict(defenses=[{"name": "d", "callbacks": [_run(marker)]}]),
+        "victim_callbacks": dict(attacks=[{**URP, "victim": {"callbacks": [_run(marker)]}}]),
+    }[slot]
+    expected = "LightningDataModule" if slot in ("data", "wrapper") else "Attack" if slot == "attack" else "Callback"
+    with pytest.raises(ValueError, match=f"'subprocess.run' is not a {expected} class"):
+        Evaluation(tiny_config(tmp_path, **overrides))
+    assert not marker.exists()
+
+
+def test_the_poison_command_refuses_a_callable_that_is_not_an_attack(tmp_path):
+    marker = tmp_path / "ran"
+    config = tmp_path / "poison.yaml"
+    config.write_text(yaml.safe_dump({"data": DATA, "attack": _run(marker)}))
+    with pytest.raises(SystemExit, match="--attack: 'subprocess.run' is not a Attack class"):
+        main(["poison", "--config", str(config), "--output", str(tmp_path / "p.safetensors")])
+    assert not marker.exists()
+
+
+def test_dotted_command_line_overrides_reach_the_config_sections():
+    from lightning_defense.cli.evaluate import evaluation_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "digits" / "evaluate.yaml"
+    config = evaluation_config(["--config", str(path), "--attacks.witches_brew.init_args.steps=2",
+                                "--attacks.1.init_args.patch_size", "4", "--data.init_args.data_dir=/x",
+                                "--trainer.max_epochs", "2", "--model.flip=true",
+                                "--defenses.friends.callbacks.0.init_args.steps=1",
+                                "--attacks.0.victim.trainer.max_epochs=3"])
+    assert config.attacks[0]["init_args"]["steps"] == 2 and config.attacks[0]["init_args"]["restarts"] == 1
+    assert config.attacks[1]["init_args"]["patch_size"] == 4
+    assert config.data["init_args"] == {"image_size": 16, "batch_size": 64, "seed": 0, "data_dir": "/x"}
+    assert config.trainer["max_epochs"] == 2 and config.model["flip"] is True
+    assert config.defenses[1]["callbacks"][0]["init_args"] == {"begin_epoch": 2, "steps": 1}
+    assert config.attacks[0]["victim"] == {"trainer": {"max_epochs": 3}}
+    for bad, match in [("--data.class_path.x=1", "data.class_path is 'lightning_defense"),
+                       ("--attacks.nope.init_args.steps=2", "attacks has no entry 'nope'"),
+                       ("--attacks.7.init_args.steps=2", "attacks has no entry '7'"),
+                       ("--trainer.max_epochs", "--trainer.max_epochs needs a value")]:
+        with pytest.raises(SystemExit, match=match):
+            evaluation_config(["--config", str(path), bad])
+
+
+def test_the_poison_command_applies_dotted_overrides(tmp_path, capsys):
+    config = tmp_path / "poison.yaml"
+    config.write_text(yaml.safe_dump({"data": DATA, "attack": {k: v for k, v in URP.items() if k != "name"}}))
+    main(["poison", "--config", str(config), "--output", str(tmp_path / "p.safetensors"),
+          "--attack.init_args.budget=0.5", "--data.init_args.image_size", "16"])
+    assert PoisonSet.load(tmp_path / "p.safetensors").images.shape[1:] == (1, 16, 16)
+    assert "629 poisons of 1258" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"cannot apply --attack.init_args.eps.x=1: attack.init_args.eps is 0.1"):
+        main(["poison", "--config", str(config), "--output", str(tmp_path / "p.safetensors"),
+              "--attack.init_args.eps.x=1"])

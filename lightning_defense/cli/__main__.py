@@ -1,0 +1,5 @@
+"""``python -m lightning_defense.cli``: the same as ``lightning-defense``."""
+
+from lightning_defense.cli import main
+
+main()

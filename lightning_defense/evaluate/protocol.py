@@ -1,0 +1,303 @@
+"""The papers' evaluation protocol: T trials of craft (or load) -> train a fresh victim per defense -> score.
+
+Hong et al. (Sec. 4) and Schwarzschild et al. run each attack many times, each time on a random target
+and random classes, train a victim on the poisoned data, and report the clean test accuracy and the
+attack success, averaged over the runs; a table cell reads "(accuracy) success". Here each trial
+
+1. builds the clean datamodule from the config and picks the trial's goal (seeded per trial);
+2. crafts the poisons (cached per trial) or loads a given poison file;
+3. for "none" and every configured defense, trains a fresh victim with a plain Lightning ``Trainer.fit``
+   (so defense callbacks run), on ``wrapper(base=PoisonedDataModule(data, poisons))``;
+4. measures clean test accuracy and :class:`~lightning_defense.attacks.AttackSuccessRate`.
+
+A backdoor attack's entry may fix its ``goal: {source_class, target_class}``, the same pair in every
+trial (trials then differ in their crafting and victim seeds), for datasets where the backdoor works on
+some pairs only.
+
+An attack entry may carry a ``victim:`` mapping: ``model`` and ``trainer`` entries that override the global
+ones for that attack's victims, extra ``callbacks``, and ``transfer: true`` for feature-collision attacks
+(Poison Frogs, Bullseye Polytope), whose victim is the attack's own feature extractor, frozen
+(:class:`~lightning_defense.callbacks.LinearProbe`), with a fresh linear head trained on the poisoned set.
+The extractor is written once per attack to ``output_dir/extractors/<attack>.safetensors`` (or read from
+the attack's ``extractor_path``); crafting and the victim both load that file.
+
+Under DDP (``trainer: {strategy: ddp, devices: 2}``) Lightning re-runs the command for every rank, so every
+rank walks the same trials: global rank 0 crafts and writes the poisons (and extractors) and the results,
+the others wait at a barrier and read the files. Each rank trains on its share of every global batch of
+the 1-process loader (not Lightning's ``DistributedSampler``), tests on its share of the test split with
+the accuracy reduced over ranks, and scores the attack with rank 0's weights, so the table is the
+1-process table up to floating-point summation order and what differs by construction: per-rank
+BatchNorm statistics and per-rank random augmentation (see
+:func:`~lightning_defense.evaluate.victims.shard_loader`).
+
+A "clean" row (no attack) is trained per trial too: it gives each defense's clean accuracy and the
+reference accuracy from which an indiscriminate attack's success (the accuracy drop) is measured.
+Every (row, defense, trial) result is written atomically as soon as it is known, keyed by a fingerprint of
+all that determines it, so a rerun skips finished work.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from lightning.fabric.utilities.rank_zero import _get_rank
+from torch import Tensor
+
+from lightning_defense.attacks._common import Attack, AttackGoal
+from lightning_defense.core.batch import dataset_tensors
+from lightning_defense.core.collective import Collective
+from lightning_defense.core.config import instantiate, resolve_class
+from lightning_defense.core.store import atomic_write, file_digest, fingerprint
+from lightning_defense.datamodules.importers import from_benchmark_pickles, from_npy
+from lightning_defense.datamodules.poison import PoisonSet
+from lightning_defense.evaluate.config import CLEAN_ROW, NO_DEFENSE, Defense, EvaluationConfig, Victim, fixed_goal
+from lightning_defense.evaluate.tables import markdown_table, summarise, write_tables
+from lightning_defense.evaluate.victims import attack_success, train_victim
+
+
+def trial_seed(seed: int, trial: int) -> int:
+    """The seed of one trial: goals, crafting and victims of trial t never depend on other trials."""
+    return int(seed) * 100_003 + int(trial)
+
+
+def _key(obj: Any) -> str:
+    """The cache key of a result, poison set or extractor: a fingerprint of all that determines it."""
+    return fingerprint(obj)[:16]
+
+
+def load_poison_file(config: EvaluationConfig, images: Tensor, labels: Tensor) -> PoisonSet:
+    """Read ``config.poison`` with the importer its format needs, validated against the training split."""
+    path = Path(config.poison)
+    if path.is_dir():
+        if config.poison_eps is None:
+            raise ValueError(f"--poison {path} is a benchmark directory: pass --poison_eps (e.g. 0.0313725 for 8/255)")
+        return from_benchmark_pickles(path, images, labels, config.poison_eps, trust_pickle=config.trust_pickle,
+                                      norm=config.poison_norm)
+    if path.suffix == ".npy":
+        if config.poison_eps is None:
+            raise ValueError(f"--poison {path} is a .npy export: pass --poison_eps (the bound it was crafted with)")
+        return from_npy(path, images, labels, config.poison_eps, norm=config.poison_norm)
+    if path.suffix in (".safetensors", ".npz"):
+        return PoisonSet.load(path, base_images=images, base_labels=labels)
+    raise ValueError(f"--poison {path}: expected a .safetensors/.npz PoisonSet, a .npy export or a benchmark directory")
+
+
+def _check_classes(config: EvaluationConfig, defenses: list[Defense], victims: dict[str, Victim]) -> None:
+    """Resolve every class the config names against its slot's type before anything is built or trained."""
+    specs = [(config.data, L.LightningDataModule, "data")]
+    for d in defenses:
+        if d.wrapper is not None:
+            specs.append((d.wrapper, L.LightningDataModule, f"defenses[{d.name}].wrapper"))
+        specs += [(c, L.Callback, f"defenses[{d.name}].callbacks") for c in d.callbacks]
+    for name, victim in victims.items():
+        specs += [(c, L.Callback, f"attacks[{name}].victim.callbacks") for c in victim.callbacks]
+    for spec, expected, what in specs:
+        if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
+            raise ValueError(f"{what} must be a mapping with a 'class_path' string (and optional 'init_args'); "
+                             f"got {spec!r}")
+        resolve_class(spec["class_path"], expected, what)
+
+
+class Evaluation:
+    """Runs :func:`evaluate`'s trials with resuming; see the module docstring.
+
+    Args:
+        config: The evaluation settings.
+
+    Ranks come from :attr:`collective`: the last victim trainer's (under DDP Lightning starts the other
+    ranks at the first ``fit``); before any, the launcher's environment gives the rank and the process is
+    alone.
+    """
+
+    def __init__(self, config: EvaluationConfig) -> None:
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.collective = Collective()
+        self.defenses = [Defense(NO_DEFENSE)] + [Defense.from_config(d, i) for i, d in enumerate(config.defenses)]
+        self.attacks: dict[str, Attack] = {}
+        self.victims: dict[str, Victim] = {}
+        self.goals: dict[str, Optional[AttackGoal]] = {}
+        for i, spec in enumerate(config.attacks if config.poison is None else []):
+            if not isinstance(spec, dict) or not spec.get("name"):
+                raise ValueError(f"attacks[{i}] needs a 'name' besides class_path/init_args; got {spec!r}")
+            what = f"attacks[{i}] ({spec['name']})"
+            unknown = set(spec) - {"name", "class_path", "init_args", "victim", "goal"}
+            if unknown:
+                raise ValueError(f"{what}: unknown keys {sorted(unknown)}; use name, class_path, init_args, victim, goal")
+            victim = Victim.from_config(spec.get("victim"), what)
+            attack = instantiate({k: v for k, v in spec.items() if k not in ("name", "victim", "goal")}, Attack, what)
+            attack.progress = attack.progress and config.progress and self.rank == 0
+            self.attacks[spec["name"]] = attack
+            self.victims[spec["name"]] = victim
+            self.goals[spec["name"]] = fixed_goal(spec.get("goal"), attack, what)
+            if victim.transfer and not hasattr(attack, "save_extractor"):
+                raise ValueError(f"{what}: victim.transfer needs an attack with a fixed feature "
+                                 f"extractor (PoisonFrogs, BullseyePolytope); {type(attack).__name__} has none")
+        _check_classes(config, self.defenses, self.victims)
+        self.specs = {spec["name"]: spec for spec in config.attacks}
+        self.extractors: dict[str, tuple[str, str]] = {}  # attack -> (extractor file, its sha256)
+        self.executed = 0  # victims trained by this run (the rest were resumed from disk)
+
+    @property
+    def rank(self) -> int:
+        """This process's global rank (0 when alone)."""
+        return self.collective.rank if self.collective.backend is not None else (_get_rank() or 0)
+
+    def _base_key(self) -> dict:
+        c = self.config
+        return {"data": c.data, "model": c.model, "trainer": c.trainer, "seed": c.seed}
+
+    def _result_path(self, row: str, defense: str, trial: int) -> Path:
+        return self.out / "trials" / row / defense / f"trial_{trial:04d}.json"
+
+    def _shared_file(self, path: Path, is_valid, write) -> None:
+        """Global rank 0 writes ``path`` when it is missing or stale; every rank then waits until it is there."""
+        if not is_valid(path):
+            if self.rank == 0:
+                write(path)
+            elif not self.collective.is_distributed:
+                raise RuntimeError(f"rank {self.rank} is not connected to rank 0 and {path} is missing")
+        self.collective.barrier("evaluate.shared_file")
+
+    def _extractor(self, row: str, images: Tensor, labels: Tensor) -> tuple[str, str]:
+        """The transfer victim's extractor file of ``row`` (written once, then used by crafting and victims)."""
+        if row not in self.extractors:
+            attack = self.attacks[row]
+            if attack.extractor_path is not None:
+                path = Path(attack.extractor_path)
+            else:
+                key = _key({"data": self.config.data, "attack": _attack_args(self.specs[row])})
+                path = self.out / "extractors" / f"{row}.safetensors"
+
+                def is_valid(p: Path) -> bool:
+                    return p.is_file() and _safetensors_metadata(p).get("cache_key") == key
+
+                self._shared_file(path, is_valid,
+                                  lambda p: attack.save_extractor(p, images, labels, {"cache_key": key}))
+                attack.extractor, attack.extractor_path = None, str(path)  # craft against the file's weights
+            self.extractors[row] = (str(path), file_digest(path))
+        return self.extractors[row]
+
+    def _poisons(self, row: str, trial: int, seed: int, images, labels, test_images, test_labels, num_classes) -> PoisonSet:
+        if self.config.poison is not None:
+            return load_poison_file(self.config, images, labels)
+        attack = self.attacks[row]
+        extra = {"extractor_sha256": self.extractors[row][1]} if row in self.extractors else {}
+        key = _key({**self._base_key(), "attack": _attack_args(self.specs[row]), "trial_seed": seed, **extra})
+        path = self.out / "poisons" / row / f"trial_{trial:04d}.safetensors"
+
+        def is_valid(p: Path) -> bool:
+            return p.is_file() and json.loads(_safetensors_metadata(p).get("poison_set", "{}")).get(
+                "metadata", {}).get("cache_key") == key
+
+        def craft(p: Path) -> None:
+            goal = self.goals.get(row)
+            if goal is None:
+                goal = attack.sample_goal(test_images, test_labels, num_classes, seed)
+            elif not {goal.source_class, goal.target_class} <= set(range(num_classes)):
+                raise ValueError(f"attack {row!r}: goal classes {goal.source_class}, {goal.target_class} must be in "
+                                 f"0..{num_classes - 1}")
+            poisons = attack.craft(images, labels, goal=goal, seed=seed)
+            poisons.metadata["cache_key"] = key
+            p.parent.mkdir(parents=True, exist_ok=True)
+            poisons.save(p)
+
+        self._shared_file(path, is_valid, craft)
+        return PoisonSet.load(path, base_images=images, base_labels=labels)  # every rank scores the same file
+
+    def _run_cell(self, row, defense, trial, seed, poisons, clean_accuracy) -> dict:
+        spec = None if row == CLEAN_ROW else (self.specs.get(row) or {"poison": self.config.poison})
+        victim = self.victims.get(row)
+        extractor, extra = None, {}
+        if victim is not None and victim.transfer:
+            extractor, sha256 = self.extractors[row]
+            extra = {"extractor_sha256": sha256}
+        key = _key({**self._base_key(), "attack": spec, "defense": defense.__dict__, "trial_seed": seed, **extra})
+        path = self._result_path(row, defense.name, trial)
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record.get("key") == key:
+                return record
+        model, data, accuracy = train_victim(self.config, defense, poisons, seed, self.out / "lightning",
+                                             victim=victim, extractor=extractor)
+        self._hold(model)
+        self.executed += 1
+        record = {"attack": row, "defense": defense.name, "trial": trial, "seed": seed, "key": key, "accuracy": accuracy,
+                  "kind": None if poisons is None else poisons.kind, "success": None}
+        if poisons is not None:
+            record["success"] = attack_success(model, poisons, data.test_set, clean_accuracy, accuracy)
+            if poisons.kind == "targeted":
+                record["target_label"] = int(poisons.target_labels[0]) if poisons.target_labels is not None else None
+                record["adversarial_label"] = int(poisons.adversarial_labels[0])
+            record["num_poisons"] = len(poisons)
+        if self.rank == 0:
+            atomic_write(path, json.dumps(record, indent=1))
+        return record
+
+    def _hold(self, model: L.LightningModule) -> None:
+        """Keep the victim trainer's collective, unless it spans fewer processes than the one held."""
+        collective = Collective.of(model.trainer)
+        if collective.world_size >= self.collective.world_size:
+            self.collective = collective
+
+    def run(self) -> list[dict]:
+        """Run (or resume) every trial; returns all per-trial records."""
+        c = self.config
+        rows = list(self.attacks) if c.poison is None else [Path(c.poison).stem]
+        records = []
+        for trial in range(c.trials):
+            seed = trial_seed(c.seed, trial)
+            base = instantiate(c.data, L.LightningDataModule, "data")
+            base.prepare_data()
+            base.setup("fit")
+            images, labels = base.train_tensors() if hasattr(base, "train_tensors") else dataset_tensors(base.train_set)
+            test_images, test_labels = dataset_tensors(base.test_set)
+            clean = {}
+            for defense in self.defenses:
+                record = self._run_cell(CLEAN_ROW, defense, trial, seed, None, None)
+                clean[defense.name] = record["accuracy"]
+                records.append(record)
+            for row in rows:
+                if row in self.victims and self.victims[row].transfer:
+                    self._extractor(row, images, labels)
+                poisons = self._poisons(row, trial, seed, images, labels, test_images, test_labels, base.num_classes)
+                for defense in self.defenses:
+                    records.append(self._run_cell(row, defense, trial, seed, poisons, clean[NO_DEFENSE]))
+        self.collective.barrier("evaluate.results")  # rank 0 has written every result
+        return records
+
+    def report(self, records: list[dict]) -> tuple[list[dict], str]:
+        """``(summary, markdown)`` of ``records``; global rank 0 writes the tables into ``output_dir``."""
+        summary = summarise(records)
+        if self.rank == 0:
+            return summary, write_tables(summary, self.out)
+        return summary, markdown_table(summary)
+
+
+def _attack_args(spec: dict) -> dict:
+    """What determines an attack's poisons: its entry without the victim."""
+    return {k: v for k, v in spec.items() if k != "victim"}
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except Exception:  # noqa: BLE001 - a truncated or foreign file is simply stale
+        return {}
+
+
+def evaluate(config: EvaluationConfig) -> tuple[list[dict], str]:
+    """Run the protocol and write the tables; returns ``(summary, markdown)``.
+
+    Example::
+
+        summary, table = evaluate(EvaluationConfig(data={...}, attacks=[...], defenses=[...], trials=3))
+    """
+    evaluation = Evaluation(config)
+    return evaluation.report(evaluation.run())
