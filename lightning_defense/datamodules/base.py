@@ -42,13 +42,13 @@ class ImageDataModule(L.LightningDataModule):
     Args:
         batch_size: Batch size of every loader.
         num_workers: DataLoader worker processes.
-        seed: Seed for the split and for shuffling the training loader.
+        seed: Seed for the split and for shuffling the training loader (see :attr:`loader_seed`).
     """
 
     num_classes: int
     num_channels: int
 
-    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: Optional[int] = 0) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
@@ -61,6 +61,11 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
 
+    @property
+    def loader_seed(self) -> int:
+        """The seed of the training loader's shuffling: this datamodule's ``seed``."""
+        return self.seed
+
     def train_tensors(self) -> tuple[Tensor, Tensor]:
         """The whole training split as ``(images in [0,1], labels)``, in index order."""
         return dataset_tensors(self._require("train_set"))
@@ -72,7 +77,7 @@ class ImageDataModule(L.LightningDataModule):
         return dataset
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        generator = torch.Generator().manual_seed(self.loader_seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

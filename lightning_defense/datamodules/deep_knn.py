@@ -63,7 +63,7 @@ class DeepKNNFilterDataModule(TrainSplitWrapper):
         feature_model: A trained model with ``normalize`` and ``backbone.forward_features``.
         backbone: Backbone name for the model trained when ``feature_model`` is None.
         epochs: Epochs of that training.
-        seed: Seed of that training.
+        seed: Seed of that training (the training loader shuffles with ``base``'s seed, as ``fit`` would).
 
     After ``setup``, ``kept_indices`` maps the filtered split back to the base split and ``report``
     holds ``removed``, ``true_positives`` and ``false_positives``.
@@ -87,14 +87,14 @@ class DeepKNNFilterDataModule(TrainSplitWrapper):
         self.feature_model = feature_model
         self.backbone = backbone
         self.epochs = epochs
-        self.knn_seed = seed
+        self.seed = seed
         self.kept_indices: Optional[Tensor] = None
         self.report: dict[str, int] = {}
 
     def _train_feature_model(self) -> L.LightningModule:
         from lightning_defense.models import ImageClassifier
 
-        L.seed_everything(self.knn_seed, verbose=False)
+        L.seed_everything(self.seed, verbose=False)
         model = ImageClassifier(self.backbone, num_classes=self.num_classes, in_chans=self.num_channels, lr=0.05, flip=False)
         trainer = L.Trainer(
             max_epochs=self.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

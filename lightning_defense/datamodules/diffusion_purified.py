@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
 from lightning_defense.core.batch import dataset_tensors
+from lightning_defense.core.collective import Collective
 from lightning_defense.core.store import (
     STORAGE_DTYPES,
     CachedImageDataset,
@@ -40,8 +41,8 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
     ``x0_hat(sqrt(abar_t*) * (2x - 1 + 2 * sigma * eps))`` in [0, 1], with eps keyed by
     ``(seed, sample index)``. The result is cached under a key made from the training images, the
     denoiser's weights and schedule, sigma, t*, seed, steps, the storage format and the code version:
-    a finished cache is reused, an interrupted one resumes, and under DDP the chunks are shared out over
-    the ranks (rank 0 writes).
+    a finished cache is reused once every chunk matches its SHA-256 (a damaged chunk is recomputed, never
+    used), an interrupted one resumes, and under DDP the chunks are shared out over the ranks (rank 0 writes).
 
     Args:
         base: The (possibly poisoned) datamodule to purify.
@@ -55,7 +56,7 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
         chunk_size: Images per cache file (a multiple of ``batch_size`` keeps batches whole).
         cache_dir: Root directory of the caches.
         storage: ``uint8`` (4x smaller, 1/255 rounding) or ``float16``.
-        device: ``auto`` (the Lightning rank's GPU if there is one, else CPU), ``cpu`` or ``cuda[:i]``.
+        device: ``auto`` (this rank's GPU if there is one, else CPU), ``cpu`` or ``cuda[:i]``.
         progress: Show a progress bar (rank 0).
 
     Raises:
@@ -66,6 +67,9 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
         dm = DiffusionPurifiedDataModule(DigitsDataModule(), "lightning_defense/assets/digits_ddpm", sigma=0.25)
         dm.prepare_data(); dm.setup("fit")
     """
+
+    #: Every DDP rank must call ``setup`` together: the ranks share the purification.
+    collective_setup = True
 
     def __init__(
         self,
@@ -91,15 +95,10 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
             raise ValueError(f"timestep must be >= 0; got {timestep}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1 (1 = single-step denoising); got {steps}")
-        if batch_size < 1 or chunk_size < 1:
-            raise ValueError(f"batch_size and chunk_size must be >= 1; got {batch_size}, {chunk_size}")
-        if storage not in STORAGE_DTYPES:
-            raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}; got {storage!r}")
-        if device != "auto" and not device.startswith(("cpu", "cuda")):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]'; got {device!r}")
+        check_purification_args(batch_size, chunk_size, storage, device)
         self.denoiser_source = denoiser
         self.sigma = None if sigma is None else float(sigma)
-        self.noise_seed = int(seed)
+        self.seed = int(seed)
         self.steps = int(steps)
         self.timestep = timestep
         self.purify_batch_size = int(batch_size)
@@ -136,10 +135,19 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
         return self._denoiser
 
     def purify(self) -> ChunkCache:
-        """Make sure the cache for the current inputs exists (compute what is missing); return it."""
+        """Make sure the cache for the current inputs exists and is intact (compute what is missing or
+        damaged); return it.
+
+        Global rank 0 looks at the disk (the manifest, and every chunk against its SHA-256) and every rank
+        follows its decision, so all of them enter :func:`fill_cache` together or none does.
+        """
         images = self._train_images()
         cache = self.cache_for(images)
-        if not cache.is_complete():
+        collective = self.collective()
+        intact = None
+        if collective.rank == 0 or not collective.is_distributed:
+            intact = cache.is_complete() and not cache.damaged()
+        if not collective.broadcast(intact, src=0):
             device = self._device()
             model = self.get_denoiser().to(device)
             t_star, sigma = cache.meta["t_star"], cache.meta["sigma"]
@@ -148,8 +156,8 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
             def compute(start: int, stop: int) -> np.ndarray:
                 return self.purify_range(model, images, start, stop, t_star, sigma, device)
 
-            fill_cache(cache, compute, desc=f"diffusion denoising sigma={sigma:g} seed={self.noise_seed}",
-                       progress=self.progress, collective=self.collective())
+            fill_cache(cache, compute, desc=f"diffusion denoising sigma={sigma:g} seed={self.seed}",
+                       progress=self.progress, collective=collective)
         self.cache = cache
         return cache
 
@@ -164,12 +172,12 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
         self._check_images(images, denoiser)
         t_star, sigma = self.noise_level(denoiser)
         key = fingerprint(
-            CODE_VERSION, images, denoiser.fingerprint(), sigma, t_star, self.noise_seed, self.steps,
+            CODE_VERSION, images, denoiser.fingerprint(), sigma, t_star, self.seed, self.steps,
             self.storage, self.chunk_size,
         )
         meta = {
             "code_version": CODE_VERSION, "denoiser": str(denoiser.source), "sigma": sigma, "t_star": t_star,
-            "seed": self.noise_seed, "steps": self.steps, "key": key,
+            "seed": self.seed, "steps": self.steps, "key": key,
         }
         return ChunkCache(
             self.cache_dir / f"diffusion-{key[:20]}", len(images), tuple(images.shape[1:]), self.storage,
@@ -189,7 +197,7 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
                 batch = images[first:last].to(device, non_blocking=True)
                 purified = noise_and_denoise(
                     model, batch, torch.arange(first, last), model.alphas_cumprod, t_star, sigma,
-                    self.noise_seed, self.steps, model.variance_type,
+                    self.seed, self.steps, model.variance_type,
                 )
                 out.append(to_storage(purified, self.storage))
         return np.concatenate(out)
@@ -220,13 +228,25 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
             )
 
     def _device(self) -> torch.device:
-        if self.device != "auto":
-            return torch.device(self.device)
-        if torch.cuda.is_available():
-            trainer = getattr(self, "trainer", None)
-            if trainer is not None and getattr(trainer, "strategy", None) is not None:
-                root = trainer.strategy.root_device
-                if root.type == "cuda":
-                    return root
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return resolve_device(self.device, self.collective())
+
+
+def check_purification_args(batch_size: int, chunk_size: int, storage: str, device: str) -> None:
+    """The checks of the purification job's settings (also run by wrappers that build the job later)."""
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch_size and chunk_size must be >= 1; got {batch_size}, {chunk_size}")
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}; got {storage!r}")
+    if device != "auto" and not device.startswith(("cpu", "cuda")):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]'; got {device!r}")
+
+
+def resolve_device(device: str, collective: Collective) -> torch.device:
+    """``device``, or for ``auto`` the collective's GPU (a Trainer's or Fabric's rank), else the current GPU, else CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        if collective.backend is not None and collective.device.type == "cuda":
+            return collective.device
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -7,11 +7,12 @@ Algorithm 1 of the paper, as a wrapper of the user's (possibly poisoned) datamod
 2. **Replication**: D_A = D_s plus M copies of it, i.e. ``(M + 1) * |D_s|`` items (lines 1-4: D_A starts as
    D_s and M unions follow).
 3. **Sparse diffusion training** from scratch on D_A: improved-DDPM UNet, cosine schedule, learned-range
-   variance, hybrid loss (:class:`~lightning_defense.diffusion.DiffusionModel`'s loss), cached by content.
+   variance, hybrid loss, cached by content and verified on reuse
+   (:class:`~lightning_defense.diffusion.sparse.SparseDenoiserBuilder` does 2 and 3).
 4. **Purification** (module A): ``x_t* = sqrt(abar_t*) x + sqrt(1 - abar_t*) eps``, then t* ancestral steps
-   t = t*..1 with the learned variance, clipping x0. This is :class:`DiffusionPurifiedDataModule` with a
-   fixed timestep: its cache, resume and DDP sharding, and its per-index noise, so purified image i is
-   training sample i (the public code shuffles and loses that mapping).
+   t = t*..1 with the learned variance, clipping x0. This is an ordinary :class:`DiffusionPurifiedDataModule`
+   given the built denoiser and a fixed timestep: its cache, resume and DDP sharding, and its per-index
+   noise, so purified image i is training sample i (the public code shuffles and loses that mapping).
 5. **Compensation**, fresh every training batch: random grayscale with probability p (module B), then
    Gaussian noise of std sigma in [0, 1] pixels, clamped (module C). Grayscale does nothing on 1-channel
    data, which is already gray.
@@ -22,35 +23,28 @@ The timesteps here are 0-based (diffusers): the paper's t* = 100 (steps t = 100.
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from lightning_defense.core.batch import dataset_tensors
-from lightning_defense.core.store import fingerprint
-from lightning_defense.datamodules.diffusion_purified import DiffusionPurifiedDataModule
+from lightning_defense.core.store import ChunkCache, fingerprint
+from lightning_defense.datamodules.diffusion_purified import (
+    DiffusionPurifiedDataModule,
+    check_purification_args,
+    resolve_device,
+)
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
-from lightning_defense.diffusion.denoiser import Denoiser, load_denoiser
-from lightning_defense.diffusion.training import DiffusionModel
+from lightning_defense.diffusion.denoiser import Denoiser
+from lightning_defense.diffusion.sparse import SparseDenoiserBuilder, replicate
 
-#: Bump when a change to the diffusion training code changes the trained model: old models are not reused.
-TRAIN_CODE_VERSION = "eclipse-ddpm-1"
+__all__ = ["EclipseDataModule", "compensate", "replicate"]
+
 #: ITU-R 601-2 luma, as ``torchvision.transforms.functional.rgb_to_grayscale``.
 LUMA = (0.299, 0.587, 0.114)
-
-
-def replicate(sparse_set: Tensor, replication: int) -> Tensor:
-    """D_A = D_s together with M copies of it (Algorithm 1, lines 1-4): ``(M + 1) * len(D_s)`` images."""
-    if replication < 0:
-        raise ValueError(f"replication (M) must be >= 0; got {replication}")
-    return sparse_set.repeat(replication + 1, *([1] * (sparse_set.dim() - 1)))
 
 
 def compensate(
@@ -79,42 +73,12 @@ def compensate(
     return images
 
 
-class EclipseUNetModel(DiffusionModel):
-    """:class:`DiffusionModel` with improved-DDPM attention: at the given resolutions, with ``num_heads`` heads.
-
-    The paper's CIFAR-10 model: channels 128 x (1, 2, 2, 2), 3 res blocks, attention at 16 and 8, 4 heads.
-    The heads are counted at the first attention level (diffusers sets a head dimension).
-    """
-
-    def __init__(self, attention_resolutions: Sequence[int] = (16, 8), num_heads: int = 4, **kwargs) -> None:
-        super().__init__(attention=False, **kwargs)
-        from diffusers import UNet2DModel
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        size, channels = kwargs.get("sample_size", 32), tuple(kwargs.get("block_out_channels", (64, 128, 128)))
-        levels = [size // 2**i in set(attention_resolutions) for i in range(len(channels))]
-        if not any(levels) or num_heads < 1:
-            return
-        first = channels[levels.index(True)]
-        if first % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide the {first} channels at the first attention level")
-        config = dict(self.unet.config)
-        config.update(
-            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in levels),
-            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)),
-            attention_head_dim=first // num_heads,
-        )
-        self.unet = UNet2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-        decay = kwargs.get("ema_decay", 0.999)
-        self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
-
-
-class EclipseDataModule(DiffusionPurifiedDataModule):
+class EclipseDataModule(TrainSplitWrapper):
     """ECLIPSE's purified training split: sparse-set diffusion purification from t*, plus compensation.
 
-    ``base``'s training split is purified once, offline (cached, resumable, DDP-sharded by
-    :class:`DiffusionPurifiedDataModule`) by a DDPM trained once (cached by content) on the replicated
-    sparse clean set; during training every batch gets fresh compensation in :meth:`on_after_batch_transfer`
+    ``base``'s training split is purified once, offline (cached, resumable, DDP-sharded by an ordinary
+    :class:`DiffusionPurifiedDataModule`) by a DDPM trained once on the replicated sparse clean set (kept
+    by content by :class:`~lightning_defense.diffusion.sparse.SparseDenoiserBuilder`); during training every batch gets fresh compensation in :meth:`on_after_batch_transfer`
     (before callbacks and the model's crop/flip); validation and test pass through untouched.
 
     The paper's ablations (Table 4): ``diffusion=False`` drops module A (B+C), ``grayscale_p=0`` drops B,
@@ -158,6 +122,7 @@ class EclipseDataModule(DiffusionPurifiedDataModule):
 
     Raises:
         ValueError: an argument out of range, or D_s larger than the validation split.
+        TypeError: ``clean_subset`` is neither None, a list of indices nor a datamodule.
 
     Example::
 
@@ -165,6 +130,9 @@ class EclipseDataModule(DiffusionPurifiedDataModule):
                                num_train_timesteps=1000, block_out_channels=(32, 64), train_steps=300)
         dm.prepare_data(); dm.setup("fit")
     """
+
+    #: Every DDP rank must call ``setup`` together: rank 0 trains the model, the ranks share the purification.
+    collective_setup = True
 
     def __init__(
         self,
@@ -200,62 +168,59 @@ class EclipseDataModule(DiffusionPurifiedDataModule):
             raise ValueError(f"clean_fraction (B/N) must be in (0, 1]; got {clean_fraction} (the paper uses 0.04)")
         if clean_size is not None and clean_size < 1:
             raise ValueError(f"clean_size (B) must be >= 1 or None; got {clean_size}")
-        if replication < 0:
-            raise ValueError(f"replication (M) must be >= 0; got {replication} (the paper uses 4)")
         if t_star < 1 or t_star > num_train_timesteps:
             raise ValueError(f"t_star must be in [1, num_train_timesteps={num_train_timesteps}]; got {t_star}")
         if not 0.0 <= grayscale_p <= 1.0:
             raise ValueError(f"grayscale_p must be in [0, 1]; got {grayscale_p} (the paper uses 0.4)")
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0 ([0,1] pixel units); got {noise_std} (the paper uses 0.05)")
-        if num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1; got {num_heads}")
-        if train_steps < 1 or train_batch_size < 1:
-            raise ValueError(f"train_steps and train_batch_size must be >= 1; got {train_steps}, {train_batch_size}")
         if clean_subset is not None and not isinstance(clean_subset, (list, tuple, L.LightningDataModule)):
             raise TypeError(
                 f"clean_subset must be None, a list of validation-split indices or a LightningDataModule; "
                 f"got {type(clean_subset).__name__}"
             )
-        super().__init__(
-            base, denoiser="<trained by EclipseDataModule>", sigma=None, seed=seed, steps=t_star,
-            timestep=t_star - 1, batch_size=batch_size, chunk_size=chunk_size, cache_dir=cache_dir,
-            storage=storage, device=device, progress=progress,
-        )
+        check_purification_args(batch_size, chunk_size, storage, device)
+        super().__init__(base)
         self.clean_subset = list(clean_subset) if isinstance(clean_subset, (list, tuple)) else clean_subset
         self.clean_fraction = float(clean_fraction)
         self.clean_size = clean_size
-        self.replication = int(replication)
         self.t_star = int(t_star)
         self.diffusion = bool(diffusion)
         self.grayscale_p = float(grayscale_p)
         self.noise_std = float(noise_std)
-        self.model_kwargs = dict(
-            num_train_timesteps=int(num_train_timesteps), block_out_channels=tuple(int(c) for c in block_out_channels),
-            layers_per_block=int(layers_per_block), attention_resolutions=tuple(int(r) for r in attention_resolutions),
-            num_heads=int(num_heads), dropout=float(dropout), ema_decay=float(ema_decay), lr=float(lr),
-            beta_schedule="squaredcos_cap_v2", learn_variance=True, vlb_weight=0.001,
+        self.seed = int(seed)
+        self.purify_batch_size = int(batch_size)
+        self.chunk_size = int(chunk_size)
+        self.cache_dir = cache_dir
+        self.storage = storage
+        self.device = device
+        self.progress = progress
+        self.builder = SparseDenoiserBuilder(
+            model_dir, replication=replication, num_train_timesteps=num_train_timesteps,
+            block_out_channels=block_out_channels, layers_per_block=layers_per_block,
+            attention_resolutions=attention_resolutions, num_heads=num_heads, dropout=dropout,
+            train_steps=train_steps, train_batch_size=train_batch_size, lr=lr, ema_decay=ema_decay, seed=seed,
+            progress=progress,
         )
-        self.train_steps = int(train_steps)
-        self.train_batch_size = int(train_batch_size)
-        self.model_dir = Path(model_dir)
+        self._denoiser: Optional[Denoiser] = None
+        self._purifier: Optional[DiffusionPurifiedDataModule] = None
         self._compensation_calls = (-1, -1, 0)  # (epoch, global step, calls within that step)
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        if self.diffusion:
-            super().prepare_data()
-        else:
-            TrainSplitWrapper.prepare_data(self)
+        """Train and purify in this process when not distributed; under DDP the ranks do it in setup()."""
+        super().prepare_data()
+        if self.diffusion and not self.collective().is_distributed:
+            self.purify()
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.diffusion:
-            super().setup(stage)
-        else:
-            TrainSplitWrapper.setup(self, stage)
+        self.base.setup(stage)
+        if self.diffusion and self.train_set is None:
+            self.purify()  # a no-op when prepare_data (or an earlier run) finished the cache
+        super().setup(stage)
 
     def wrap_train(self, train_set: Dataset) -> Dataset:
-        return super().wrap_train(train_set) if self.diffusion else train_set
+        return self.purifier().wrap_train(train_set) if self.diffusion else train_set
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Compensation on training batches only, seeded by (seed, epoch, global step, rank, call)."""
@@ -271,24 +236,28 @@ class EclipseDataModule(DiffusionPurifiedDataModule):
         return [compensate(images, self.grayscale_p, self.noise_std, generator), *rest]
 
     def compensation_generator(self, epoch: int, step: int, rank: int = 0, call: int = 0) -> torch.Generator:
-        """The CPU generator of one training batch's compensation."""
-        key = fingerprint("eclipse-compensation", self.noise_seed, epoch, step, rank, call)
+        """The CPU generator of one training batch's compensation.
+
+        Seeded from a fingerprint of its key (not :mod:`lightning_defense.core.rng`): these are the draws of
+        the published ECLIPSE results, kept so that those results reproduce.
+        """
+        key = fingerprint("eclipse-compensation", self.seed, epoch, step, rank, call)
         return torch.Generator().manual_seed(int(key[:15], 16))
 
-    # -- Algorithm 1, lines 1-10: the sparse set and the diffusion model -----------------------------
+    # -- Algorithm 1: the sparse set, the denoiser, the purification ----------------------------------
     def sparse_set(self) -> Tensor:
         """D_s as [0, 1] images (user indices or datamodule, else a seeded sample of the validation split)."""
+        self.base.setup("fit")
         if isinstance(self.clean_subset, L.LightningDataModule):
             self.clean_subset.setup("fit")
             images = dataset_tensors(self.clean_subset.train_set)[0]
-            expected = tuple(self._train_images().shape[1:])
+            expected = tuple(dataset_tensors(self.base.train_set)[0].shape[1:])
             if tuple(images.shape[1:]) != expected:
                 raise ValueError(
                     f"clean_subset {type(self.clean_subset).__name__}'s images are shaped {tuple(images.shape[1:])}; "
                     f"the training images of {type(self.base).__name__} are {expected}: match image_size/num_channels"
                 )
             return images
-        self.base.setup("fit")
         held_out = getattr(self.base, "val_set", None)
         if held_out is None or len(held_out) == 0:
             raise ValueError(
@@ -311,84 +280,44 @@ class EclipseDataModule(DiffusionPurifiedDataModule):
                     f"the sparse set needs {size} images (clean_size / clean_fraction={self.clean_fraction} of "
                     f"{len(self.base.train_set)}) but the validation split has {available}; enlarge it or lower them"
                 )
-            generator = torch.Generator().manual_seed(self.noise_seed)
+            # the published draw of D_s (a torch generator seeded with ``seed``), kept so that results reproduce
+            generator = torch.Generator().manual_seed(self.seed)
             indices = torch.randperm(available, generator=generator)[:size].sort().values
         return dataset_tensors(held_out)[0][indices]
 
     def augmented_set(self) -> Tensor:
         """D_A: D_s with M copies, ``(M + 1) * |D_s|`` images."""
-        return replicate(self.sparse_set(), self.replication)
-
-    def model_key(self, augmented: Tensor) -> str:
-        """Content key of the diffusion model: D_A, every training setting, the seed and the code version."""
-        return fingerprint(
-            TRAIN_CODE_VERSION, augmented, self.model_kwargs, self.train_steps, self.train_batch_size, self.noise_seed
-        )
+        return self.builder.augment(self.sparse_set())
 
     def get_denoiser(self) -> Denoiser:
-        """The sparse-set diffusion model: loaded from ``model_dir`` or trained there first (rank 0)."""
+        """The sparse-set diffusion model, built once (kept in ``model_dir``, or trained there first by rank 0)."""
         if self._denoiser is None:
-            self._denoiser = load_denoiser(self.train_diffusion_model())
+            collective = self.collective()
+            self._denoiser = self.builder.build(self.sparse_set(), collective, resolve_device(self.device, collective))
         return self._denoiser
 
-    def train_diffusion_model(self) -> Path:
-        """Train the DDPM on D_A unless a model with the same key exists; return its directory.
+    def purifier(self) -> DiffusionPurifiedDataModule:
+        """Module A: ``base`` purified by the sparse-set denoiser from timestep t* - 1 in t* steps."""
+        if self._purifier is None:
+            self._purifier = DiffusionPurifiedDataModule(
+                self.base, denoiser=self.get_denoiser(), sigma=None, timestep=self.t_star - 1, steps=self.t_star,
+                seed=self.seed, batch_size=self.purify_batch_size, chunk_size=self.chunk_size,
+                cache_dir=self.cache_dir, storage=self.storage, device=self.device, progress=self.progress,
+            )
+        self._purifier.use_collective(self.collective())
+        return self._purifier
 
-        Under DDP, global rank 0 trains and writes; the others wait at a barrier.
+    def purify(self) -> ChunkCache:
+        """Train (or reuse) the denoiser and make sure the purified training split is cached; return the cache.
+
+        Raises:
+            ValueError: ``diffusion=False`` (the B+C ablation), which purifies nothing.
         """
-        augmented = self.augmented_set()
-        target = self.model_dir / f"eclipse-ddpm-{self.model_key(augmented)[:20]}"
-        dist = torch.distributed
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if not target.is_dir() and (not distributed or dist.get_rank() == 0):
-            model = self.fit_diffusion(augmented)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)
-        if distributed:
-            dist.barrier()
-        return target
+        if not self.diffusion:
+            raise ValueError("diffusion=False (the B+C ablation) trains and purifies nothing; there is no cache")
+        return self.purifier().purify()
 
-    def fit_diffusion(self, augmented: Tensor) -> DiffusionModel:
-        """Algorithm 1, lines 5-9: I iterations of the hybrid loss on shuffled epochs of D_A (seeded).
-
-        The global random state is seeded inside and restored afterwards.
-        """
-        device = self._device()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.noise_seed)
-            return self._fit_diffusion(augmented, device)
-
-    def _fit_diffusion(self, augmented: Tensor, device: torch.device) -> DiffusionModel:
-        model = EclipseUNetModel(sample_size=augmented.shape[-1], in_channels=augmented.shape[1], **self.model_kwargs)
-        model.to(device).train()
-        model.unet.requires_grad_(True)
-        optimizer = model.configure_optimizers()["optimizer"]
-        generator = torch.Generator().manual_seed(self.noise_seed)
-        loader = DataLoader(TensorDataset(augmented), batch_size=self.train_batch_size, shuffle=True, generator=generator)
-        rank_zero_info(f"training the ECLIPSE diffusion model on |D_A| = {len(augmented)} images for {self.train_steps} steps")
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.train_steps, desc="ECLIPSE sparse diffusion training", unit="step")
-        step = 0
-        while step < self.train_steps:
-            for (images,) in loader:
-                loss = model.diffusion_loss(images.to(device), generator=None)["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if model.ema is not None:
-                    model.ema.update_parameters(model.unet)
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.detach().item():.4f}")
-                if step >= self.train_steps:
-                    break
-        if bar is not None:
-            bar.close()
-        return model.eval()
+    @property
+    def cache(self) -> Optional[ChunkCache]:
+        """The purification cache once :meth:`purify` ran, else None."""
+        return self._purifier.cache if self._purifier is not None else None

@@ -37,9 +37,9 @@ class GaussianNoiseDataModule(TrainSplitWrapper):
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0 (noise std in [0,1] pixel units); got {sigma}")
         self.sigma = float(sigma)
-        self.noise_seed = int(seed)
+        self.seed = int(seed)
 
     def wrap_train(self, train_set: Dataset) -> Dataset:
         images, labels = dataset_tensors(train_set)
-        noise = per_sample_normal(self.noise_seed, torch.arange(len(images)), tuple(images.shape[1:]))
+        noise = per_sample_normal(self.seed, torch.arange(len(images)), tuple(images.shape[1:]))
         return IndexedDataset(images + self.sigma * noise, labels)

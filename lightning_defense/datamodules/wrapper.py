@@ -13,7 +13,9 @@ class TrainSplitWrapper(ImageDataModule):
     """Base of every wrapper that rewrites only the training split of ``base``.
 
     Subclasses implement :meth:`wrap_train`. ``num_classes``, ``num_channels`` and the loader settings
-    come from ``base``; validation and test sets are ``base``'s, untouched.
+    (batch size, workers, and :attr:`loader_seed`, the shuffling seed) come from ``base``; validation and
+    test sets are ``base``'s, untouched. A wrapper keeps its own arguments under their own names: its
+    ``seed`` (None when it takes none) is its own random draw, never ``base``'s.
 
     Args:
         base: Any datamodule that yields ``(images, labels, indices)`` and sets ``train_set``,
@@ -26,12 +28,17 @@ class TrainSplitWrapper(ImageDataModule):
         super().__init__(
             batch_size=getattr(base, "batch_size", 128),
             num_workers=getattr(base, "num_workers", 0),
-            seed=getattr(base, "seed", 0),
+            seed=None,
         )
         self.base = base
         self.num_classes = getattr(base, "num_classes", None)
         self.num_channels = getattr(base, "num_channels", None)
         self._collective: Collective | None = None
+
+    @property
+    def loader_seed(self) -> int:
+        """``base``'s shuffling seed: wrapping a datamodule does not change the order of its training batches."""
+        return getattr(self.base, "loader_seed", getattr(self.base, "seed", 0))
 
     def use_collective(self, collective: Collective) -> None:
         """Share offline work with these ranks (e.g. a Fabric's) when no Trainer is attached."""

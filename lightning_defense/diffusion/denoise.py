@@ -23,6 +23,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_defense.core.rng import per_sample_normal
+
 #: ``eps_model(x_t, t)`` returns the model's output: eps (C channels), or eps and the variance
 #: interpolation v (2C channels) for a learned-range model.
 EpsModel = Callable[[Tensor, Tensor], Tensor]
@@ -182,8 +184,6 @@ def noise_and_denoise(
         steps: Model calls: 1 is Hong et al.'s single-step denoising, more runs the reverse process.
         variance_type: The reverse process's variance (see :func:`reverse_process`).
     """
-    from lightning_defense.core.rng import per_sample_normal
-
     shape = tuple(images.shape[1:])
     noise = per_sample_normal(seed, indices.cpu(), shape).to(images)
     abar_t = float(torch.as_tensor(alphas_cumprod, dtype=torch.float64)[t_star])

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from lightning_defense.core.batch import unpack_batch
 from lightning_defense.diffusion.denoise import posterior, to_model_space
 
 
@@ -139,9 +140,6 @@ class DiffusionModel(L.LightningModule):
         return losses
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        # imported here: the datamodules package imports this module (ECLIPSE subclasses DiffusionModel)
-        from lightning_defense.core.batch import unpack_batch
-
         images, _, _ = unpack_batch(batch)
         if tuple(images.shape[1:]) != (self.hparams.in_channels, self.hparams.sample_size, self.hparams.sample_size):
             raise ValueError(

@@ -197,3 +197,50 @@ def test_purify_command_prints_the_cache(ddpm_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     directory = Path(printed.split("purified training set: ")[1].strip())
     assert (directory / "manifest.json").is_file() and directory.parent == tmp_path
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_chunk_of_a_finished_cache_is_recomputed_never_used(ddpm_dir, tmp_path, monkeypatch, damage):
+    reference = purified(ddpm_dir, tmp_path / "reference")
+    reference.setup("fit")
+    first = purified(ddpm_dir, tmp_path / "damaged")
+    first.setup("fit")
+    chunk = first.cache.chunk_path(1)
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[:-16] + bytes(b ^ 0xFF for b in data[-16:]) if damage == "flip" else data[: len(data) // 2])
+
+    real = DiffusionPurifiedDataModule.purify_range
+    recomputed = []
+
+    def record(self, model, images, start, stop, *args):
+        recomputed.append(start)
+        return real(self, model, images, start, stop, *args)
+
+    monkeypatch.setattr(DiffusionPurifiedDataModule, "purify_range", record)
+    second = purified(ddpm_dir, tmp_path / "damaged")
+    with pytest.warns(Warning, match="chunk_00001.npy"):
+        second.setup("fit")
+    assert recomputed == [64]  # only the damaged chunk, and before any image of it reached the training set
+    assert torch.equal(second.train_tensors()[0], reference.train_tensors()[0])
+    assert chunk_bytes(second.cache.directory) == chunk_bytes(reference.cache.directory)
+
+
+def test_purify_command_under_torchrun_shares_the_work_and_matches_one_process(ddpm_dir, tmp_path):
+    one = purified(ddpm_dir, tmp_path / "one", steps=2)
+    one.setup("fit")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "lightning_defense.cli", "purify",
+        "--config", str(ROOT / "configs/digits/diffusion_denoise.yaml"),
+        f"--data.init_args.denoiser={ddpm_dir}", f"--data.init_args.cache_dir={tmp_path / 'two'}",
+        "--data.init_args.base.init_args.image_size=8", "--data.init_args.base.init_args.val_fraction=0.05",
+        "--data.init_args.base.init_args.test_fraction=0.85", "--data.init_args.batch_size=64",
+        "--data.init_args.chunk_size=64", "--data.init_args.steps=2", "--data.init_args.progress=false",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert output.count("purified training set: ") == 1  # printed by rank 0 only
+    two_dir = tmp_path / "two" / one.cache.directory.name
+    assert chunk_bytes(two_dir) == chunk_bytes(one.cache.directory) and len(chunk_bytes(two_dir)) == 3

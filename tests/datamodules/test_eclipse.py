@@ -12,6 +12,7 @@ from lightning_defense.datamodules.diffusion_purified import DiffusionPurifiedDa
 from lightning_defense.datamodules.eclipse import EclipseDataModule, compensate, replicate
 from lightning_defense.diffusion import noise_and_denoise
 from lightning_defense.diffusion.denoiser import Denoiser
+from lightning_defense.diffusion.sparse import SparseDenoiserBuilder
 from lightning_defense.models import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +121,7 @@ def test_cached_images_are_the_reverse_process_of_each_sample(shared):
     with torch.inference_mode():
         direct = noise_and_denoise(
             denoiser, clean.train_set.images[pick], pick, denoiser.alphas_cumprod, 2, dm.cache.meta["sigma"],
-            dm.noise_seed, 3, "learned_range",
+            dm.seed, 3, "learned_range",
         )
     assert (direct - purified[pick]).abs().max() <= 1 / 255 + 1e-6
     assert (purified - clean.train_set.images).abs().mean() > 0.02  # the 3-step tiny model changes them
@@ -128,14 +129,14 @@ def test_cached_images_are_the_reverse_process_of_each_sample(shared):
 
 def test_model_and_purification_caches_are_reused(shared, monkeypatch):
     tmp, first = shared
-    monkeypatch.setattr(EclipseDataModule, "fit_diffusion", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(SparseDenoiserBuilder, "train", lambda *a, **k: pytest.fail("retrained"))
     monkeypatch.setattr(DiffusionPurifiedDataModule, "purify_range", lambda *a, **k: pytest.fail("re-purified"))
     second = eclipse(tmp)
     second.prepare_data()
     second.setup("fit")
     assert second.cache.directory == first.cache.directory
     assert torch.equal(second.train_tensors()[0], first.train_tensors()[0])
-    models = lambda **kw: eclipse(tmp, **kw).model_key(eclipse(tmp, **kw).augmented_set())  # noqa: E731
+    models = lambda **kw: eclipse(tmp, **kw).builder.key(eclipse(tmp, **kw).augmented_set())  # noqa: E731
     reference = models()
     for change in ({"replication": 2}, {"train_steps": 4}, {"seed": 1}, {"num_train_timesteps": 200}, {"lr": 1e-3}):
         assert models(**change) != reference, change
@@ -205,7 +206,7 @@ def test_compensation_is_fresh_every_epoch_reproducible_and_training_only(shared
 
 
 def test_b_plus_c_ablation_trains_and_purifies_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(EclipseDataModule, "fit_diffusion", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(SparseDenoiserBuilder, "train", lambda *a, **k: pytest.fail("trained"))
     base = small_digits()
     dm = eclipse(tmp_path, base=base, diffusion=False)
     dm.prepare_data()
