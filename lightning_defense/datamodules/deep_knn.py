@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from lightning_defense.core.batch import IndexedDataset, dataset_tensors
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
+from lightning_defense.models import ImageClassifier
 
 
 def knn_disagreement(features: Tensor, labels: Tensor, k: int, num_classes: int, chunk: int = 1024) -> Tensor:
@@ -92,8 +93,6 @@ class DeepKNNFilterDataModule(TrainSplitWrapper):
         self.report: dict[str, int] = {}
 
     def _train_feature_model(self) -> L.LightningModule:
-        from lightning_defense.models import ImageClassifier
-
         L.seed_everything(self.seed, verbose=False)
         model = ImageClassifier(self.backbone, num_classes=self.num_classes, in_chans=self.num_channels, lr=0.05, flip=False)
         trainer = L.Trainer(

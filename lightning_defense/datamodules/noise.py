@@ -1,14 +1,14 @@
-"""Training-data randomized smoothing: Gaussian noise on every training image (RAB, Weber et al.).
+"""The Gaussian-only baseline of Hong, Carlini & Kurakin: Gaussian noise on every training image, no denoising.
 
-Hong, Carlini & Kurakin compare their diffusion denoising against this "Gaussian-only" baseline; the
-certification loop trains one model per noise draw (``seed``).
+It is their training-data smoothing with the denoiser replaced by the identity (X = 0 in their Sec. 3);
+the certification loop trains one model per noise draw (``seed``). RAB (Weber et al.) also noises the
+test input: that is the certification loop's ``rab`` mode, not this wrapper alone.
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_defense.core.batch import IndexedDataset, dataset_tensors
@@ -19,8 +19,8 @@ from lightning_defense.datamodules.wrapper import TrainSplitWrapper
 class GaussianNoiseDataModule(TrainSplitWrapper):
     """``base`` with its training images replaced by ``x + sigma * N(0, I)`` (one fixed draw per ``seed``).
 
-    The noisy images are not clipped: RAB's certificate assumes the Gaussian is added as is. Validation
-    and test data stay untouched.
+    The noisy images are not clipped: the smoothing certificate assumes the Gaussian is added as is.
+    Validation and test data stay untouched.
 
     Args:
         base: The (possibly poisoned) datamodule.
