@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_defense.core.batch import unpack_batch
+from lightning_defense.core.batch import require_pixel_range, unpack_batch
 from lightning_defense.core import rng
 
 
@@ -36,6 +36,7 @@ class AdversarialTraining(L.Callback):
     The attack runs in ``on_train_batch_start`` on the un-normalised batch, with the model in eval
     mode (so BatchNorm statistics are not updated by the attack's forward passes); the model's own
     augmentation and normalisation follow in ``training_step``.
+    Batches must hold un-normalised images in [0, 1] (anything else is a clear error, not a silent clamp).
 
     Args:
         eps: l_inf bound in [0, 1] pixel units (8/255 is the usual CIFAR-10 setting).
@@ -66,6 +67,7 @@ class AdversarialTraining(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         x, y, _ = unpack_batch(batch)
+        require_pixel_range(x, "AdversarialTraining")
         pl_module.eval()
         try:
             with torch.enable_grad():

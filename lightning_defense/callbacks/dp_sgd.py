@@ -7,15 +7,21 @@ the survey's DP-SGD section), which limits what a few poisons can do. Hong et al
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_defense.core.collective import Collective
 from lightning_defense.core.rng import generator
 from lightning_defense.core.seam import SAMPLER, TrainingDataSeam
+
+_NOISE, _SAMPLER, _WORKERS = "noise", "sampler", "workers"  # DP-SGD's streams (workers: DataLoader seeds)
+_WORKER_SEEDS, _RESUMED = 0xD15, 0x5E5  # purpose keys of the worker-seed stream and of streams new on resume
 
 
 class DPSGD(L.Callback):
@@ -29,6 +35,21 @@ class DPSGD(L.Callback):
     ``delta``, is logged as ``dp/epsilon`` after every epoch. It assumes one optimizer, automatic
     optimisation, and a loss averaged over the batch.
 
+    The random streams (the noise, the Poisson sampler and the loader's worker seeds) are made once per
+    callback and saved in the checkpoint, every rank's: a fit resumed from an end-of-epoch checkpoint sees
+    exactly the batches and noise of an uninterrupted fit (from a mid-epoch one the streams still go on).
+    Restarting them would reuse noise that can cancel between updates and spend privacy the accountant
+    does not count. A checkpoint without these states, or a resumed fit with more processes, gets new
+    streams keyed by the resumed step, with a warning.
+
+    **Seeds and privacy.** With the default ``secure_mode=False`` the noise and the batches come from a
+    PyTorch pseudo-random generator seeded from ``seed``: anyone who knows the seed (it is in the
+    config) can regenerate the noise and subtract it from the released model's updates, which voids the
+    guarantee. Fine for experiments and reproducible tables; for a real deployment pass
+    ``secure_mode=True``, Opacus' secure mode: noise and batches from a cryptographically secure
+    generator (``torchcsprng``, reading ``/dev/urandom``), no seed, noise sampled so that it resists
+    floating-point attacks, and no reproducibility.
+
     Args:
         noise_multiplier: Std of the Gaussian noise relative to ``max_grad_norm``.
         max_grad_norm: Per-sample gradient clipping bound C.
@@ -38,10 +59,13 @@ class DPSGD(L.Callback):
             ``Trainer(use_distributed_sampler=False)``: the Poisson sampler shards the data itself.
         replace_batchnorm: Replace layers Opacus cannot handle (BatchNorm) with GroupNorm.
             Without it such layers are a clear error.
-        seed: Seed of the DP noise and of the Poisson sampler (whose stream is keyed by seed and global rank).
+        seed: Seed of the DP noise and of the Poisson sampler (whose stream is keyed by seed and global rank);
+            None means 0. Refused with ``secure_mode=True``, as in Opacus.
+        secure_mode: Opacus' secure mode (see above); needs ``torchcsprng`` and ``poisson_sampling=True``.
 
     Raises:
         ValueError: on a bad argument, or on layers Opacus cannot train privately.
+        ImportError: ``secure_mode=True`` without ``torchcsprng`` installed.
 
     Example::
 
@@ -55,7 +79,8 @@ class DPSGD(L.Callback):
         delta: float = 1e-5,
         poisson_sampling: bool = True,
         replace_batchnorm: bool = False,
-        seed: int = 0,
+        seed: Optional[int] = None,
+        secure_mode: bool = False,
     ) -> None:
         if noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be >= 0; got {noise_multiplier}")
@@ -63,15 +88,31 @@ class DPSGD(L.Callback):
             raise ValueError(f"max_grad_norm must be > 0; got {max_grad_norm}")
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1); got {delta}")
+        if secure_mode and seed is not None:
+            raise ValueError(
+                f"DPSGD(secure_mode=True) takes no seed (got seed={seed}): secure mode draws the noise and batches "
+                "from a cryptographically secure generator, and a seed would make them reproducible by anyone "
+                "who knows it (Opacus: 'Passing seed is prohibited in secure mode'). Drop seed, or use "
+                "secure_mode=False for reproducible experiments"
+            )
+        if secure_mode and not poisson_sampling:
+            raise ValueError("DPSGD(secure_mode=True) needs poisson_sampling=True: the guarantee it hardens "
+                             "assumes Poisson-sampled batches")
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.delta = delta
         self.poisson_sampling = poisson_sampling
         self.replace_batchnorm = replace_batchnorm
-        self.seed = seed
+        self.secure_mode = bool(secure_mode)
+        self.seed = None if secure_mode else int(seed or 0)
+        self._secure_rng = _secure_generator() if secure_mode else None
         self._accountant = None
         self._grad_sample_module = None
         self._sample_rate: Optional[float] = None
+        self._trainer: Optional[L.Trainer] = None
+        self._generators: dict[str, torch.Generator] = {}  # this rank's streams, made once per callback
+        self._saved_generators: Optional[list] = None  # every rank's stream states, from a checkpoint
+        self._warned_new_streams = False
 
     @property
     def state_key(self) -> str:
@@ -90,6 +131,7 @@ class DPSGD(L.Callback):
         from opacus import GradSampleModule
         from opacus.accountants import RDPAccountant
 
+        self._trainer = trainer
         self._make_compatible(pl_module)
         self._grad_sample_module = GradSampleModule(pl_module, loss_reduction="mean", strict=True)
         if self._accountant is None:
@@ -141,9 +183,13 @@ class DPSGD(L.Callback):
             from opacus.data_loader import DPDataLoader
 
             dp_loader = DPDataLoader.from_data_loader(
-                loader, distributed=distributed, generator=generator(self.seed, trainer.global_rank)
+                loader, distributed=distributed, generator=self._stream(_SAMPLER, trainer, "cpu", trainer.global_rank)
             )
             self._sample_rate = dp_loader.sample_rate
+            # Opacus seeds the loader's workers from the sampler's generator: one draw per iterator, and
+            # Lightning makes more iterators when it rebuilds the loader. Their own stream keeps the batches
+            # a function of (seed, rank, batches drawn) alone.
+            dp_loader.generator = self._stream(_WORKERS, trainer, "cpu", trainer.global_rank, _WORKER_SEEDS)
             return dp_loader
 
         TrainingDataSeam.of(trainer).add("DPSGD", private_loader, SAMPLER)
@@ -166,19 +212,71 @@ class DPSGD(L.Callback):
             max_grad_norm=self.max_grad_norm,
             expected_batch_size=expected_batch_size,
             loss_reduction="mean",
-            generator=generator(self.seed, device=pl_module.device),
+            generator=self._stream(_NOISE, trainer, pl_module.device),
+            secure_mode=self.secure_mode,
         )
         private.attach_step_hook(self._accountant.get_optimizer_hook_fn(sample_rate=self._sample_rate))
         trainer.optimizers = [private]
+
+    def _stream(self, name: str, trainer: L.Trainer, device: Any, *keys: int) -> torch.Generator:
+        """This rank's stream ``name`` on ``device``: keyed by ``(seed, *keys)``, made once per callback and
+        continued from the checkpoint's state on resume (the secure generator in secure mode)."""
+        if self.secure_mode:
+            return self._secure_rng
+        device = torch.device(device)
+        existing = self._generators.get(name)
+        if existing is not None and existing.device.type == device.type:
+            return existing  # e.g. a training loader rebuilt every epoch: the stream goes on
+        stream = generator(self.seed, *keys, device=device)
+        if self._saved_generators is not None:  # resuming
+            saved = self._saved_generators[trainer.global_rank] if trainer.global_rank < len(self._saved_generators) else {}
+            state = saved.get(name)
+            if state is not None and state["device"] == device.type:
+                stream.set_state(state["state"])
+            else:
+                if not self._warned_new_streams:  # per rank: the missing states may be another rank's
+                    warnings.warn(
+                        f"DPSGD: the checkpoint holds no {name} stream state for rank {trainer.global_rank} on "
+                        f"{device.type} (a checkpoint from before these were saved, more processes, or another "
+                        f"device); starting new streams keyed by the resumed step {trainer.global_step}, so that no "
+                        "noise or batch is replayed"
+                    )
+                    self._warned_new_streams = True
+                stream = generator(self.seed, *keys, trainer.global_step, _RESUMED, device=device)
+        self._generators[name] = stream
+        return stream
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.log("dp/epsilon", self.epsilon, prog_bar=True, sync_dist=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self._accountant.history) if self._accountant else []}
+        """The accountant's history and every rank's noise and sampler stream states (gathered on rank 0;
+        Lightning builds a checkpoint on every rank)."""
+        state: dict[str, Any] = {"history": list(self._accountant.history) if self._accountant else []}
+        if self.secure_mode or not self._generators:
+            return state
+        mine = {name: {"device": g.device.type, "state": g.get_state()} for name, g in self._generators.items()}
+        everyone = Collective.of(self._trainer).gather(mine)
+        state["generators"] = everyone if everyone is not None else [mine]  # rank 0's copy is the one written
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         from opacus.accountants import RDPAccountant
 
         self._accountant = RDPAccountant()
         self._accountant.history = [tuple(h) for h in state_dict.get("history", [])]
+        self._generators = {}
+        self._saved_generators = list(state_dict.get("generators") or [])
+        self._warned_new_streams = False
+
+
+def _secure_generator() -> torch.Generator:
+    """Opacus' secure-mode generator: ``torchcsprng`` reading ``/dev/urandom``."""
+    try:
+        import torchcsprng
+    except ImportError as error:
+        raise ImportError(
+            "DPSGD(secure_mode=True) needs the torchcsprng package (a cryptographically secure generator, as "
+            "Opacus' secure mode); install it, or use secure_mode=False for experiments"
+        ) from error
+    return torchcsprng.create_random_device_generator("/dev/urandom")

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_defense.core.batch import dataset_tensors, unpack_batch
+from lightning_defense.core.batch import dataset_tensors, require_pixel_range, unpack_batch
 from lightning_defense.core.collective import Collective
 from lightning_defense.core.rng import generator, per_sample_uniform
 from lightning_defense.core.store import ChunkCache, atomic_write, fill_cache, fingerprint
@@ -119,8 +119,9 @@ class FriendsNoise(Callback):
     resumed run reads it back instead of regenerating; :meth:`save` / ``noise_file`` move the noise to
     another run or architecture (the paper's transfer).
 
-    Batches must be ``(images, labels, indices)``; the LightningModule's ``forward`` must take images in
-    [0, 1] (``ImageClassifier`` does).
+    Batches must be ``(images, labels, indices)`` with un-normalised images in [0, 1] (anything else is a
+    clear error, not a silent clamp); the LightningModule's ``forward`` must take images in [0, 1] and
+    normalise them itself (``ImageClassifier(mean=..., std=...)`` does).
 
     Args:
         begin_epoch: Epoch at whose start the friendly noise is generated (the paper's 5; 0 for a
@@ -345,6 +346,7 @@ class FriendsNoise(Callback):
                 "friendly noise; got (images, labels). Wrap your dataset in "
                 "lightning_defense.datamodules.IndexedDataset or return (image, label, index) from __getitem__."
             )
+        require_pixel_range(x, "FriendsNoise")
         friendly = self._noise is not None and trainer.current_epoch >= self.begin_epoch
         if not friendly and self.noise_type is None:
             return
@@ -393,6 +395,7 @@ class FriendsNoise(Callback):
                 "or train from a DataLoader whose .dataset yields (image, label, index)"
             )
         images = dataset_tensors(dataset)[0]
+        require_pixel_range(images, "FriendsNoise", "training set")
         Collective.of(trainer).share_rank_zero_weights(pl_module)
         root = self.noise_dir if self.noise_dir is not None else Path(trainer.default_root_dir) / "friendly_noise"
         cache = self.noise_cache(pl_module, images, root)

@@ -1,4 +1,5 @@
 import math
+import types
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,30 @@ def test_two_process_cpu_ddp(tmp_path):
     result = torch.load(out, weights_only=True)
     assert 0 < result["epsilon"] < 100
     torch.testing.assert_close(result["weights"][0], result["weights"][1])  # ranks stay in sync
+
+
+def test_secure_mode_refuses_a_seed_and_needs_torchcsprng(monkeypatch):
+    with pytest.raises(ValueError, match=r"secure_mode=True\) takes no seed \(got seed=0\).*Drop seed"):
+        DPSGD(secure_mode=True, seed=0)
+    with pytest.raises(ValueError, match="secure_mode=True\\) needs poisson_sampling=True"):
+        DPSGD(secure_mode=True, poisson_sampling=False)
+    monkeypatch.setitem(sys.modules, "torchcsprng", None)  # not installed
+    with pytest.raises(ImportError, match="secure_mode=True\\) needs the torchcsprng package"):
+        DPSGD(secure_mode=True)
+
+
+def test_secure_mode_draws_noise_and_batches_from_the_secure_generator(monkeypatch, quiet_trainer_kwargs):
+    secure = torch.Generator()
+    fake = types.SimpleNamespace(create_random_device_generator=lambda path: secure if path == "/dev/urandom" else None)
+    monkeypatch.setitem(sys.modules, "torchcsprng", fake)
+    dp = DPSGD(secure_mode=True)
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, callbacks=[dp], **quiet_trainer_kwargs)
+    trainer.fit(_model(), datamodule=DigitsDataModule(image_size=8, batch_size=32))
+    optimizer, loader = trainer.optimizers[0], trainer.train_dataloader
+    assert optimizer.secure_mode and optimizer.generator is secure  # Opacus' floating-point-safe noise
+    assert loader.batch_sampler.generator is secure and loader.generator is secure
+    assert dp.seed is None and "generators" not in dp.state_dict() and dp.epsilon > 0
+
+
+def test_default_seed_is_zero():
+    assert DPSGD().seed == 0 and DPSGD(seed=None).seed == 0 and DPSGD(seed=3).seed == 3
