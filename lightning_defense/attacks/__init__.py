@@ -8,7 +8,7 @@ from lightning_defense.attacks._common import Attack, AttackGoal, apply_trigger,
 from lightning_defense.attacks.autoregressive import AutoregressivePerturbation
 from lightning_defense.attacks.error_minimizing import ErrorMinimizingNoise
 from lightning_defense.attacks.feature_collision import BullseyePolytope, PoisonFrogs
-from lightning_defense.attacks.linear_separable import LinearSeparablePerturbation
+from lightning_defense.attacks.linear_separable import ClasswiseLinearSeparablePerturbation, LinearSeparablePerturbation
 from lightning_defense.attacks.metrics import AttackSuccessRate
 from lightning_defense.attacks.random_noise import UniversalRandomPerturbation
 from lightning_defense.attacks.sleeper_agent import SleeperAgent
@@ -20,6 +20,7 @@ __all__ = [
     "AttackSuccessRate",
     "AutoregressivePerturbation",
     "BullseyePolytope",
+    "ClasswiseLinearSeparablePerturbation",
     "ErrorMinimizingNoise",
     "GradientMatchingAttack",
     "LinearSeparablePerturbation",

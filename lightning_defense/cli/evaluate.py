@@ -30,8 +30,12 @@ def _evaluate_parser() -> ArgumentParser:
     parser.add_argument("--output_dir", type=str, default="runs/evaluate")
     parser.add_argument("--poison", type=Optional[str], default=None,
                         help="evaluate this poison file instead of crafting (.safetensors/.npz/.npy/benchmark dir)")
-    parser.add_argument("--poison_eps", type=Optional[float], default=None, help="bound of a .npy or benchmark poison")
-    parser.add_argument("--poison_norm", type=str, default="linf")
+    parser.add_argument("--poison_eps", type=Optional[float], default=None,
+                        help="bound of a .npy or benchmark poison; for a .safetensors/.npz PoisonSet, the largest "
+                             "declared eps accepted (its perturbations are checked against the declared eps)")
+    parser.add_argument("--poison_norm", type=str, default="linf", help="linf or l2: the norm of --poison_eps")
+    parser.add_argument("--poison_kind", type=Optional[str], default=None,
+                        help="targeted, backdoor or indiscriminate: the kind of a .npy or benchmark poison")
     parser.add_argument("--trust_pickle", type=bool, default=False, help="allow a benchmark pickle directory")
     parser.add_argument("--progress", type=bool, default=True)
     return parser

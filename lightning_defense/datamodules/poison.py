@@ -2,9 +2,15 @@
 
 A :class:`PoisonSet` stores only the poisoned rows of a training split (their indices, perturbed
 images and true labels) together with the threat model they were made under (norm and ``eps``) and,
-when known, what the attack aims at (target images or a backdoor trigger). It is checked against the
-clean base split with :meth:`PoisonSet.validate` and stored without pickle, as ``.safetensors`` or
-``.npz``.
+when known, what the attack aims at (target images or a backdoor trigger). It is stored without pickle,
+as ``.safetensors`` or ``.npz``.
+
+Two levels of checks: :meth:`PoisonSet.check` needs only the set itself (finite pixels in [0, 1],
+non-negative unique indices and labels); :meth:`PoisonSet.validate` also needs the clean base split, for
+what only the base can tell: the ``eps`` budget of every perturbation, the clean labels and the index
+range. :meth:`PoisonSet.load` runs ``check`` always and ``validate`` when given the base, and without the
+base it refuses unless called with ``validate=False``: a file's declared ``eps`` means nothing until its
+perturbations are measured against the clean images.
 
 The threat model is the clean-label one of the poisoning benchmark of Schwarzschild et al., "Just How
 Toxic is Data Poisoning?" (ICML 2021): a poison keeps its label and differs from the clean image by at
@@ -176,8 +182,59 @@ class PoisonSet:
         flat = delta.flatten(1)
         return flat.abs().amax(dim=1), flat.norm(dim=1)
 
+    def check(self) -> None:
+        """Check what needs no clean base split: finite pixels in [0, 1], non-negative unique indices and labels.
+
+        The ``eps`` budget, the clean labels and the index range need the base: see :meth:`validate`.
+
+        Raises:
+            PoisonSetError: Naming the first violated rule and how to fix it.
+        """
+        for name in ("images", "target_images"):
+            value = getattr(self, name)
+            if value is None or not value.numel():
+                continue
+            if not torch.isfinite(value).all():
+                row = int((~torch.isfinite(value)).flatten(1).any(1).nonzero()[0])
+                raise PoisonSetError(f"{name}: row {row} holds NaN or infinite pixels; pixels must be finite, "
+                                     f"in [0, 1]")
+            if value.min() < 0 or value.max() > 1:
+                raise PoisonSetError(
+                    f"{name}: pixels must lie in [0, 1], got min {value.min().item():.4g} and max "
+                    f"{value.max().item():.4g}; clamp the poisons or divide 8-bit data by 255"
+                )
+        if len(self) and int(self.indices.min()) < 0:
+            raise PoisonSetError(f"indices: index {int(self.indices.min())} is negative; indices count from 0 "
+                                 f"into the base training split")
+        self._check_unique()
+        for name in ("labels", "target_labels", "adversarial_labels"):
+            value = getattr(self, name)
+            if value is not None and value.numel() and int(value.min()) < 0:
+                raise PoisonSetError(f"{name}: class index {int(value.min())} is negative; labels are class "
+                                     f"indices >= 0")
+        for name in ("source_class", "target_class"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise PoisonSetError(f"{name} is {value}; a class index is >= 0")
+
+    def check_bound(self, eps: float, norm: str) -> None:
+        """Check that the declared threat model is within ``eps`` in ``norm`` (e.g. a user's bound on a file).
+
+        :meth:`validate` checks the perturbations against the declared ``eps``, so together they bound the
+        perturbations by ``eps`` too.
+
+        Raises:
+            PoisonSetError: If the declared norm differs or the declared eps exceeds ``eps``.
+        """
+        if norm != self.norm:
+            raise PoisonSetError(f"declares an {self.norm} bound but an {norm} bound was asked for; "
+                                 f"compare bounds in the same norm")
+        if self.eps > eps + _FLOAT_SLACK:
+            raise PoisonSetError(f"declares {self.norm} eps={self.eps:.7g} ({self.eps * 255:.4g}/255), above the "
+                                 f"allowed {eps:.7g}; these poisons are stronger than the threat model asked for")
+
     def validate(self, base_images: Tensor, base_labels: Tensor, rounding_tolerance: float = 1 / 255) -> None:
-        """Check the poisons against the clean training split they were made from.
+        """Check the poisons against the clean training split they were made from (and :meth:`check` them).
 
         Args:
             base_images: ``(N, C, H, W)`` clean training images in [0, 1].
@@ -193,11 +250,7 @@ class PoisonSet:
                 f"base_labels has {len(base_labels)} entries but base_images has {len(base_images)} rows"
             )
         self._check_rows(base_images)
-        if len(self) and (self.images.min() < 0 or self.images.max() > 1):
-            raise PoisonSetError(
-                f"images: pixels must lie in [0, 1], got min {self.images.min().item():.4g} and max "
-                f"{self.images.max().item():.4g}; clamp the poisons or divide 8-bit data by 255"
-            )
+        self.check()
         self._check_budget(base_images, rounding_tolerance)
         expected = base_labels[self.indices.cpu()].cpu()
         wrong = (self.labels.cpu() != expected).nonzero().flatten()
@@ -219,16 +272,19 @@ class PoisonSet:
                     f"indices: index {bad} is out of range [0, {n}) for a base split of N={n} samples; "
                     f"check that the poisons were made for this training split"
                 )
+        self._check_unique()
+        if self.images.shape[1:] != base_images.shape[1:]:
+            raise PoisonSetError(
+                f"images: per-sample shape {tuple(self.images.shape[1:])} differs from the base split's "
+                f"{tuple(base_images.shape[1:])}; convert the poisons to the base layout (C, H, W)"
+            )
+
+    def _check_unique(self) -> None:
         unique, counts = self.indices.unique(return_counts=True)
         if (counts > 1).any():
             repeated = unique[counts > 1][:5].tolist()
             raise PoisonSetError(
                 f"indices: duplicate indices {repeated}; each base sample may be poisoned at most once"
-            )
-        if self.images.shape[1:] != base_images.shape[1:]:
-            raise PoisonSetError(
-                f"images: per-sample shape {tuple(self.images.shape[1:])} differs from the base split's "
-                f"{tuple(base_images.shape[1:])}; convert the poisons to the base layout (C, H, W)"
             )
 
     def _check_budget(self, base_images: Tensor, rounding_tolerance: float) -> None:
@@ -298,21 +354,29 @@ class PoisonSet:
         path: str | os.PathLike,
         base_images: Tensor | None = None,
         base_labels: Tensor | None = None,
+        *,
+        validate: bool = True,
     ) -> PoisonSet:
-        """Read a poison set written by :meth:`save`, without ever unpickling.
+        """Read a poison set written by :meth:`save`, without ever unpickling, and check it.
+
+        The file's own content is always checked (:meth:`check`). Its declared ``eps`` budget and clean
+        labels can only be checked against the clean base split (:meth:`validate`): pass ``base_images``
+        and ``base_labels``, or ``validate=False`` to read the file without that check.
 
         Args:
             path: A ``.safetensors`` or ``.npz`` file.
             base_images: Clean training images; with ``base_labels``, the loaded set is validated.
             base_labels: Clean training labels.
+            validate: With no base split, must be False (the budget is then left unchecked).
 
         Returns:
             The poison set.
 
         Raises:
             FileNotFoundError: If ``path`` does not exist.
-            PoisonSetError: If the file is corrupt, lacks a key, holds pickled objects, or fails
-                validation against the base split.
+            PoisonSetError: If the file is corrupt, lacks a key, holds pickled objects, fails
+                :meth:`check`, or fails validation against the base split; or if neither the base nor
+                ``validate=False`` is given.
         """
         path = Path(path)
         suffix = _format_of(path)
@@ -320,6 +384,11 @@ class PoisonSet:
             raise FileNotFoundError(f"no poison set file at {path}")
         if (base_images is None) != (base_labels is None):
             raise PoisonSetError("pass both base_images and base_labels to validate, or neither")
+        if base_images is None and validate:
+            raise PoisonSetError(
+                f"{path}: its eps budget and clean labels can only be checked against the clean training split; "
+                f"pass base_images and base_labels, or validate=False to load it unchecked against the base"
+            )
         try:
             tensors, header_text = _read_safetensors(path) if suffix == ".safetensors" else _read_npz(path)
         except PoisonSetError:
@@ -345,13 +414,12 @@ class PoisonSet:
             raise PoisonSetError(f"{path}: unexpected keys {unknown}")
         try:
             poison_set = cls(**tensors, **{name: header[name] for name in _HEADER_FIELDS})
+            if base_images is None:
+                poison_set.check()
+            else:
+                poison_set.validate(base_images, base_labels)
         except PoisonSetError as err:
             raise PoisonSetError(f"{path}: {err}") from err
-        if base_images is not None:
-            try:
-                poison_set.validate(base_images, base_labels)
-            except PoisonSetError as err:
-                raise PoisonSetError(f"{path}: {err}") from err
         return poison_set
 
 

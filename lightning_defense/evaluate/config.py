@@ -3,10 +3,12 @@ defenses, the victim's model and trainer, and the number of trials."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from lightning_defense.attacks._common import Attack, AttackGoal
+from lightning_defense.datamodules.poison import KINDS, NORMS
 
 NO_DEFENSE = "none"
 CLEAN_ROW = "clean"
@@ -82,6 +84,7 @@ class EvaluationConfig:
     poison: Optional[str] = None
     poison_eps: Optional[float] = None
     poison_norm: str = "linf"
+    poison_kind: Optional[str] = None
     trust_pickle: bool = False
     progress: bool = True
 
@@ -92,6 +95,16 @@ class EvaluationConfig:
             raise ValueError(f"data must be a class_path/init_args mapping; got {self.data!r}")
         if self.poison is None and not self.attacks:
             raise ValueError("attacks is empty: configure at least one attack, or pass --poison PATH")
+        eps = self.poison_eps
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps)
+                                or eps <= 0):
+            raise ValueError(f"poison_eps must be a finite number > 0 in [0, 1] pixel units (e.g. 0.0313725 for "
+                             f"8/255); got {self.poison_eps!r}")
+        if self.poison_norm not in NORMS:
+            raise ValueError(f"poison_norm must be one of {NORMS}; got {self.poison_norm!r}")
+        if self.poison_kind is not None and self.poison_kind not in KINDS:
+            raise ValueError(f"poison_kind must be one of {KINDS} (or None: the file's or importer's); "
+                             f"got {self.poison_kind!r}")
         names = [d.get("name") if isinstance(d, dict) else None for d in self.defenses]
         if NO_DEFENSE in names or len(set(names)) != len(names):
             raise ValueError(f"defense names must be unique and not {NO_DEFENSE!r} (always run); got {names}")

@@ -5,7 +5,8 @@ and random classes, train a victim on the poisoned data, and report the clean te
 attack success, averaged over the runs; a table cell reads "(accuracy) success". Here each trial
 
 1. builds the clean datamodule from the config and picks the trial's goal (seeded per trial);
-2. crafts the poisons (cached per trial) or loads a given poison file;
+2. crafts the poisons (cached per trial) or loads a given poison file, and checks that each set can be
+   scored (targets, or trigger and classes), all before any victim of the trial trains;
 3. for "none" and every configured defense, trains a fresh victim with a plain Lightning ``Trainer.fit``
    (so defense callbacks run), on ``wrapper(base=PoisonedDataModule(data, poisons))``;
 4. measures clean test accuracy and :class:`~lightning_defense.attacks.AttackSuccessRate`.
@@ -52,10 +53,10 @@ from lightning_defense.core.collective import Collective
 from lightning_defense.core.config import instantiate, resolve_class
 from lightning_defense.core.store import atomic_write, file_digest, fingerprint
 from lightning_defense.datamodules.importers import from_benchmark_pickles, from_npy
-from lightning_defense.datamodules.poison import PoisonSet
+from lightning_defense.datamodules.poison import PoisonSet, PoisonSetError
 from lightning_defense.evaluate.config import CLEAN_ROW, NO_DEFENSE, Defense, EvaluationConfig, Victim, fixed_goal
 from lightning_defense.evaluate.tables import markdown_table, summarise, write_tables
-from lightning_defense.evaluate.victims import attack_success, train_victim
+from lightning_defense.evaluate.victims import attack_success, check_scorable, train_victim
 
 
 def trial_seed(seed: int, trial: int) -> int:
@@ -69,19 +70,36 @@ def _key(obj: Any) -> str:
 
 
 def load_poison_file(config: EvaluationConfig, images: Tensor, labels: Tensor) -> PoisonSet:
-    """Read ``config.poison`` with the importer its format needs, validated against the training split."""
+    """Read ``config.poison`` with the importer its format needs, validated against the training split.
+
+    A ``.npy`` export or benchmark directory declares no bound: ``--poison_eps`` (and ``--poison_norm``) is
+    its bound, and ``--poison_kind`` its kind. A ``.safetensors``/``.npz`` PoisonSet declares its own; with
+    ``--poison_eps`` given, the declared bound must be in ``--poison_norm`` and not exceed ``--poison_eps``,
+    so the perturbations (validated against the declared bound) are within ``--poison_eps`` too.
+    """
     path = Path(config.poison)
+    kind = {} if config.poison_kind is None else {"kind": config.poison_kind}
     if path.is_dir():
         if config.poison_eps is None:
             raise ValueError(f"--poison {path} is a benchmark directory: pass --poison_eps (e.g. 0.0313725 for 8/255)")
         return from_benchmark_pickles(path, images, labels, config.poison_eps, trust_pickle=config.trust_pickle,
-                                      norm=config.poison_norm)
+                                      norm=config.poison_norm, **kind)
     if path.suffix == ".npy":
         if config.poison_eps is None:
             raise ValueError(f"--poison {path} is a .npy export: pass --poison_eps (the bound it was crafted with)")
-        return from_npy(path, images, labels, config.poison_eps, norm=config.poison_norm)
+        return from_npy(path, images, labels, config.poison_eps, norm=config.poison_norm, **kind)
     if path.suffix in (".safetensors", ".npz"):
-        return PoisonSet.load(path, base_images=images, base_labels=labels)
+        poisons = PoisonSet.load(path, base_images=images, base_labels=labels)
+        if config.poison_kind is not None and poisons.kind != config.poison_kind:
+            raise ValueError(f"--poison {path} holds a PoisonSet of kind {poisons.kind!r} but --poison_kind is "
+                             f"{config.poison_kind!r}; drop --poison_kind (a PoisonSet file declares its kind)")
+        if config.poison_eps is not None:
+            try:
+                poisons.check_bound(config.poison_eps, config.poison_norm)
+            except PoisonSetError as err:
+                raise PoisonSetError(f"--poison {path} {err} (--poison_eps {config.poison_eps}, --poison_norm "
+                                     f"{config.poison_norm})") from err
+        return poisons
     raise ValueError(f"--poison {path}: expected a .safetensors/.npz PoisonSet, a .npy export or a benchmark directory")
 
 
@@ -182,8 +200,11 @@ class Evaluation:
         return self.extractors[row]
 
     def _poisons(self, row: str, trial: int, seed: int, images, labels, test_images, test_labels, num_classes) -> PoisonSet:
+        """The poisons of ``row`` in ``trial``: loaded, or crafted (once; cached), then checked to be scorable."""
         if self.config.poison is not None:
-            return load_poison_file(self.config, images, labels)
+            poisons = load_poison_file(self.config, images, labels)
+            check_scorable(poisons, num_classes, f"--poison {self.config.poison}")
+            return poisons
         attack = self.attacks[row]
         extra = {"extractor_sha256": self.extractors[row][1]} if row in self.extractors else {}
         key = _key({**self._base_key(), "attack": _attack_args(self.specs[row]), "trial_seed": seed, **extra})
@@ -206,7 +227,9 @@ class Evaluation:
             poisons.save(p)
 
         self._shared_file(path, is_valid, craft)
-        return PoisonSet.load(path, base_images=images, base_labels=labels)  # every rank scores the same file
+        poisons = PoisonSet.load(path, base_images=images, base_labels=labels)  # every rank scores the same file
+        check_scorable(poisons, num_classes, f"attack {row!r} (trial {trial}: {path})")
+        return poisons
 
     def _run_cell(self, row, defense, trial, seed, poisons, clean_accuracy) -> dict:
         spec = None if row == CLEAN_ROW else (self.specs.get(row) or {"poison": self.config.poison})
@@ -255,15 +278,18 @@ class Evaluation:
             base.setup("fit")
             images, labels = base.train_tensors() if hasattr(base, "train_tensors") else dataset_tensors(base.train_set)
             test_images, test_labels = dataset_tensors(base.test_set)
+            goals = (images, labels, test_images, test_labels, base.num_classes)
+            for row in rows:  # craft or load (and check) every poison set before any victim of the trial trains
+                if row in self.victims and self.victims[row].transfer:
+                    self._extractor(row, images, labels)
+                self._poisons(row, trial, seed, *goals)
             clean = {}
             for defense in self.defenses:
                 record = self._run_cell(CLEAN_ROW, defense, trial, seed, None, None)
                 clean[defense.name] = record["accuracy"]
                 records.append(record)
             for row in rows:
-                if row in self.victims and self.victims[row].transfer:
-                    self._extractor(row, images, labels)
-                poisons = self._poisons(row, trial, seed, images, labels, test_images, test_labels, base.num_classes)
+                poisons = self._poisons(row, trial, seed, *goals)  # from the cache (or the given file) again
                 for defense in self.defenses:
                     records.append(self._run_cell(row, defense, trial, seed, poisons, clean[NO_DEFENSE]))
         self.collective.barrier("evaluate.results")  # rank 0 has written every result

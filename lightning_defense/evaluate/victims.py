@@ -108,6 +108,37 @@ def train_victim(config: EvaluationConfig, defense: Defense, poisons: Optional[P
     return model.eval(), data, accuracy
 
 
+def check_scorable(poisons: PoisonSet, num_classes: int, what: str) -> None:
+    """Raise unless :func:`attack_success` can score ``poisons`` (checked before any victim trains).
+
+    A targeted set needs ``target_images`` and ``adversarial_labels``; a backdoor set needs ``trigger``,
+    ``source_class`` and ``target_class``, with the trigger fitting the images at ``metadata["trigger_xy"]``.
+    Classes must be below ``num_classes``. ``what`` names the set (its file, or its attack) in the error.
+    """
+    if poisons.kind == "targeted":
+        needed = {"target_images": poisons.target_images, "adversarial_labels": poisons.adversarial_labels}
+        labels = poisons.adversarial_labels
+        classes = {} if labels is None else {"adversarial_labels": labels.tolist()}
+    elif poisons.kind == "backdoor":
+        needed = {"trigger": poisons.trigger, "source_class": poisons.source_class, "target_class": poisons.target_class}
+        classes = {name: [value] for name, value in needed.items() if name != "trigger" and value is not None}
+    else:
+        return
+    missing = [name for name, value in needed.items() if value is None]
+    if missing:
+        raise ValueError(f"{what}: a {poisons.kind} PoisonSet needs {', '.join(needed)} to be scored, but has no "
+                         f"{', '.join(missing)}; add them, or make it an indiscriminate set (scored by the accuracy "
+                         f"drop) if it is an availability attack")
+    for name, values in classes.items():
+        if not all(0 <= v < num_classes for v in values):
+            raise ValueError(f"{what}: {name} {values} must be classes in 0..{num_classes - 1}")
+    if poisons.kind == "backdoor":
+        try:
+            apply_trigger(poisons.images[:0], poisons.trigger, poisons.metadata.get("trigger_xy"))
+        except ValueError as err:
+            raise ValueError(f"{what}: {err}") from err
+
+
 def attack_success(model: ImageClassifier, poisons: PoisonSet, test_set, clean_accuracy: float, accuracy: float) -> float:
     """Success of one trial: targeted / backdoor rate on the goal inputs, or the accuracy drop."""
     device = next(model.parameters()).device

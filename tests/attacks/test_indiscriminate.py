@@ -1,10 +1,14 @@
-"""URP, LSP, AR and EM: bounds, budgets, reproducibility, argument errors, and LSP's accuracy drop."""
+"""URP, LSP (Yu et al.'s and the class-wise variant), AR and EM: bounds, budgets, reproducibility, argument
+errors, LSP's per-sample separable points, and LSP's accuracy drop."""
+
+import math
 
 import pytest
 import torch
 
 from lightning_defense.attacks import (
     AutoregressivePerturbation,
+    ClasswiseLinearSeparablePerturbation,
     ErrorMinimizingNoise,
     LinearSeparablePerturbation,
     UniversalRandomPerturbation,
@@ -15,7 +19,9 @@ from tests.attacks.conftest import accuracy_of
 ATTACKS = {
     "urp": lambda **kw: UniversalRandomPerturbation(eps=16 / 255, **kw),
     "urp_l2": lambda **kw: UniversalRandomPerturbation(eps=1.0, norm="l2", **kw),
-    "lsp": lambda **kw: LinearSeparablePerturbation(eps=16 / 255, patch_size=4, **kw),
+    "lsp": lambda **kw: LinearSeparablePerturbation(eps=16 / 255 * 16, patch_size=4, **kw),  # eps_inf * sqrt(d)
+    "lsp_linf": lambda **kw: LinearSeparablePerturbation(eps=16 / 255, norm="linf", patch_size=4, **kw),
+    "classwise_lsp": lambda **kw: ClasswiseLinearSeparablePerturbation(eps=16 / 255, patch_size=4, **kw),
     "ar": lambda **kw: AutoregressivePerturbation(eps=1.0, progress=False, **kw),
     "ar_linf": lambda **kw: AutoregressivePerturbation(eps=8 / 255, norm="linf", progress=False, **kw),
     "em": lambda **kw: ErrorMinimizingNoise(eps=8 / 255, backbone_kwargs={"width": 4}, train_steps=2, perturb_steps=3,
@@ -43,7 +49,7 @@ def test_within_bound_and_budget(name, budget, small_split):
     assert torch.equal(applied[untouched], x[untouched])  # only the budget changed
 
 
-@pytest.mark.parametrize("name", ["urp", "lsp", "ar"])
+@pytest.mark.parametrize("name", ["urp", "lsp", "classwise_lsp", "ar"])
 def test_seeded_and_reproducible(name, small_split):
     x, y = small_split
     a, b, c = (ATTACKS[name](budget=0.5).craft(x, y, seed=s) for s in (1, 1, 2))
@@ -51,14 +57,44 @@ def test_seeded_and_reproducible(name, small_split):
     assert not torch.equal(a.images, c.images)
 
 
-def test_class_wise_patterns_are_shared_within_a_class(small_split):
+@pytest.mark.parametrize("name", ["urp", "classwise_lsp"])
+def test_class_wise_patterns_are_shared_within_a_class(name, small_split):
     x, y = small_split
-    poisons = UniversalRandomPerturbation(eps=16 / 255).craft(x, y, seed=0)
+    poisons = ATTACKS[name]().craft(x, y, seed=0)
     delta = poisons.images - x
     inside = (x > 16 / 255) & (x < 1 - 16 / 255)  # pixels the [0,1] clip does not touch
     same_class = (y == y[0]).nonzero().flatten()
     both = inside[same_class[0]] & inside[same_class[1]]
     assert torch.allclose(delta[same_class[0]][both], delta[same_class[1]][both], atol=1e-6)
+
+
+def test_lsp_gives_each_sample_its_own_linearly_separable_point():
+    """Yu et al.: per-sample points from class-wise clusters, patch-wise constant, L2 norm eps_inf * sqrt(d)."""
+    n, shape, eps = 2000, (3, 16, 16), 8 / 255 * math.sqrt(3 * 16 * 16)
+    x, y = torch.full((n, *shape), 0.5), torch.arange(n) % 10  # mid-gray: the [0, 1] clip never acts
+    poisons = LinearSeparablePerturbation(eps=eps, patch_size=8).craft(x, y, seed=0)
+    delta = poisons.images - x
+    assert delta.shape == x.shape and torch.equal(poisons.indices, torch.arange(n))
+    linf, l2 = poisons.perturbation_norms(x)
+    assert torch.allclose(l2, torch.full((n,), eps, dtype=torch.float64), atol=1e-4)  # on the L2 sphere
+    assert linf.max() < 0.5  # so the clip did not act
+    cells = delta[:, :, ::8, ::8]  # one value per 8x8 patch and channel: k = 3 * 2 * 2 coordinates
+    assert torch.equal(torch.nn.functional.interpolate(cells, scale_factor=8, mode="nearest"), delta)
+    # Every sample differs from every other sample of its class.
+    same_class = delta[y == 3].flatten(1)
+    gaps = torch.cdist(same_class, same_class) + torch.eye(len(same_class)) * 1e9
+    assert gaps.min() > 1e-3 * eps
+    # A linear classifier on the perturbations alone separates the classes, on samples it was not fit to.
+    features = torch.cat([delta.flatten(1).double(), torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    onehot = torch.nn.functional.one_hot(y, 10).double()
+    weights = torch.linalg.lstsq(features[: n // 2], onehot[: n // 2]).solution
+    assert ((features[n // 2:] @ weights).argmax(1) == y[n // 2:]).all()
+
+
+def test_lsp_needs_a_hypercube_vertex_per_class(small_split):
+    x, y = small_split  # 1 x 16 x 16: patch 16 leaves one coordinate, 2 vertices for 10 classes
+    with pytest.raises(ValueError, match="1 coordinates give 2 vertices for 10 classes; lower patch_size"):
+        LinearSeparablePerturbation(eps=1.0, patch_size=16).craft(x, y)
 
 
 def test_ar_filter_annihilates_its_own_class():
@@ -82,6 +118,10 @@ def test_argument_errors():
         AutoregressivePerturbation(eps=1.0, budget=1.5)
     with pytest.raises(ValueError, match="patch_size"):
         LinearSeparablePerturbation(eps=0.1, patch_size=0)
+    with pytest.raises(ValueError, match="patch_size"):
+        ClasswiseLinearSeparablePerturbation(eps=0.1, patch_size=0)
+    with pytest.raises(ValueError, match="class_sep must be a number > 0"):
+        LinearSeparablePerturbation(eps=0.1, class_sep=0)
     with pytest.raises(ValueError, match="window"):
         AutoregressivePerturbation(eps=1.0, window=1)
     with pytest.raises(ValueError, match="perturb_steps"):
@@ -93,7 +133,7 @@ def test_argument_errors():
 def test_lsp_makes_digits_unlearnable(digits16):
     """Test accuracy after training on LSP poisons is far below clean training with the same recipe and seed."""
     x, y, xt, yt = digits16
-    poisons = LinearSeparablePerturbation(eps=32 / 255, patch_size=8).craft(x, y, seed=0)
+    poisons = LinearSeparablePerturbation(eps=32 / 255 * 16, patch_size=8).craft(x, y, seed=0)  # 32/255 * sqrt(256)
     settings = dict(backbone_kwargs={"width": 8}, epochs=6, seed=1)
     clean = accuracy_of(train_surrogate(x, y, **settings), xt, yt)
     poisoned = accuracy_of(train_surrogate(poisons.apply(x), y, **settings), xt, yt)

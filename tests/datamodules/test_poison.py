@@ -1,5 +1,6 @@
 import math
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -227,7 +228,7 @@ def test_round_trip_with_all_fields(base, tmp_path, suffix):
 def test_round_trip_minimal(base, tmp_path, suffix):
     ps = make(base, norm="l2", eps=0.5, kind="indiscriminate")
     ps.save(tmp_path / f"p{suffix}")
-    assert_same(ps, PoisonSet.load(tmp_path / f"p{suffix}"))
+    assert_same(ps, PoisonSet.load(tmp_path / f"p{suffix}", validate=False))
 
 
 def test_unknown_suffix(base, tmp_path):
@@ -251,13 +252,71 @@ def test_load_validates_against_base(base, tmp_path):
         PoisonSet.load(tmp_path / "p.npz", images, flipped)
 
 
+def test_load_without_the_base_needs_an_explicit_validate_false(base, tmp_path):
+    """The eps budget can only be measured against the clean images: loading without them must be a choice."""
+    images, labels = base
+    make(base, eps=EPS, size=0.1).save(tmp_path / "p.npz")  # declares 8/255, perturbs by 0.1
+    with pytest.raises(PoisonSetError, match=r"p\.npz: its eps budget .* pass base_images and base_labels, or "
+                                             r"validate=False"):
+        PoisonSet.load(tmp_path / "p.npz")
+    assert len(PoisonSet.load(tmp_path / "p.npz", validate=False)) == 3  # read, budget unchecked
+    with pytest.raises(PoisonSetError, match=r"p\.npz: images: perturbation exceeds eps=0.0313725"):
+        PoisonSet.load(tmp_path / "p.npz", images, labels, validate=False)  # with the base, always validated
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("images", 1.5, r"images: pixels must lie in \[0, 1\], got min .* and max 1.5"),
+    ("images", float("nan"), r"images: row 1 holds NaN or infinite pixels"),
+    ("target_images", -0.25, r"target_images: pixels must lie in \[0, 1\], got min -0.25"),
+    ("labels", -1, r"labels: class index -1 is negative"),
+    ("adversarial_labels", -3, r"adversarial_labels: class index -3 is negative"),
+    ("indices", -2, r"indices: index -2 is negative"),
+    ("indices", 7, r"indices: duplicate indices \[7\]"),
+    ("target_class", -1, r"target_class is -1"),
+])
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_load_without_the_base_checks_what_needs_no_base(base, tmp_path, suffix, field, value, match):
+    ps = full_poison_set(base)
+    if field in ("images", "target_images"):
+        getattr(ps, field)[1, 0, 0, 0] = value
+    elif field == "target_class":
+        ps.target_class = value
+    else:
+        getattr(ps, field)[0] = value
+    path = tmp_path / f"p{suffix}"
+    ps.save(path)
+    with pytest.raises(PoisonSetError, match=rf"p{re.escape(suffix)}: {match}"):
+        PoisonSet.load(path, validate=False)
+    with pytest.raises(PoisonSetError):
+        ps.check()
+
+
+def test_nan_pixels_fail_validation(base):
+    """NaN compares False to every bound, so a range check alone would let it through."""
+    ps = make(base)
+    ps.images[2, 1, 3, 3] = float("nan")
+    with pytest.raises(PoisonSetError, match=r"images: row 2 holds NaN or infinite pixels"):
+        ps.validate(*base)
+
+
+def test_check_bound_against_a_users_eps(base):
+    ps = make(base, eps=8 / 255)
+    ps.check_bound(8 / 255, "linf")
+    ps.check_bound(0.0313725, "linf")  # 8/255 written with 7 digits
+    ps.check_bound(16 / 255, "linf")
+    with pytest.raises(PoisonSetError, match=r"declares linf eps=0.03137255 \(8/255\), above the allowed 0.01568627"):
+        ps.check_bound(4 / 255, "linf")
+    with pytest.raises(PoisonSetError, match="declares an linf bound but an l2 bound was asked for"):
+        ps.check_bound(1.0, "l2")
+
+
 def test_corrupt_files(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"definitely not safetensors")
     with pytest.raises(PoisonSetError, match=r"bad\.safetensors: cannot read"):
-        PoisonSet.load(tmp_path / "bad.safetensors")
+        PoisonSet.load(tmp_path / "bad.safetensors", validate=False)
     (tmp_path / "bad.npz").write_bytes(b"definitely not a zip")
     with pytest.raises(PoisonSetError, match=r"bad\.npz"):
-        PoisonSet.load(tmp_path / "bad.npz")
+        PoisonSet.load(tmp_path / "bad.npz", validate=False)
 
 
 def test_missing_key_is_named(base, tmp_path):
@@ -267,10 +326,10 @@ def test_missing_key_is_named(base, tmp_path):
         arrays = {k: archive[k] for k in archive.files if k != "labels"}
     np.savez(tmp_path / "nolabels.npz", **arrays)
     with pytest.raises(PoisonSetError, match=r"nolabels\.npz: missing key 'labels'"):
-        PoisonSet.load(tmp_path / "nolabels.npz")
+        PoisonSet.load(tmp_path / "nolabels.npz", validate=False)
     np.savez(tmp_path / "noheader.npz", indices=arrays["indices"])
     with pytest.raises(PoisonSetError, match=r"noheader\.npz: missing key 'poison_set'"):
-        PoisonSet.load(tmp_path / "noheader.npz")
+        PoisonSet.load(tmp_path / "noheader.npz", validate=False)
 
 
 class _Marker:
@@ -293,7 +352,7 @@ def test_npz_with_object_array_is_not_unpickled(base, tmp_path):
     np.savez(tmp_path / "evil.npz", **arrays)  # numpy pickles object arrays when saving
     assert not marker.exists()
     with pytest.raises(PoisonSetError, match="pickled Python objects, which are never loaded"):
-        PoisonSet.load(tmp_path / "evil.npz")
+        PoisonSet.load(tmp_path / "evil.npz", validate=False)
     assert not marker.exists()
     # Sanity check of the payload itself: unpickling does create the marker.
     pickle.loads(pickle.dumps(_Marker(marker)))

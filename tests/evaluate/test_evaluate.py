@@ -35,6 +35,17 @@ def tiny_config(tmp_path, **overrides):
     return EvaluationConfig(**settings)
 
 
+def train_split():
+    dm = DigitsDataModule(**DATA["init_args"])
+    dm.setup()
+    return dm.train_tensors()
+
+
+def stored_poisons(directory):
+    """The poison sets an evaluation stored under ``directory``, in trial order, validated against the data."""
+    return [PoisonSet.load(p, *train_split()) for p in sorted(Path(directory).glob("trial_*.safetensors"))]
+
+
 def test_evaluate_writes_tables_and_resumes(tmp_path, monkeypatch):
     config = tiny_config(tmp_path)
     out = Path(config.output_dir)
@@ -72,10 +83,18 @@ def test_evaluate_writes_tables_and_resumes(tmp_path, monkeypatch):
     assert all(r["success"] == pytest.approx(clean[r["trial"]] - r["accuracy"]) for r in urp)
     assert json.loads((out / "table.json").read_text()) == summary
     assert (out / "table.csv").read_text().splitlines()[0].startswith("attack,defense,kind,trials")
-    # Trials draw different targets; poisons are cached per trial.
+    # Trials draw different targets (the stored poison sets' own targets); poisons are cached per trial.
     targets = {r["trial"]: (r["target_label"], r["adversarial_label"]) for r in wb if r["defense"] == "none"}
-    assert len(list(out.glob("poisons/wb/*.safetensors"))) == 2
-    assert set(targets) == {0, 1}
+    stored = stored_poisons(out / "poisons" / "wb")
+    assert len(stored) == 2 and set(targets) == {0, 1}
+    assert stored[0].metadata["target_index"] != stored[1].metadata["target_index"]
+    assert not torch.equal(stored[0].target_images, stored[1].target_images)
+    dm = DigitsDataModule(**DATA["init_args"])
+    dm.setup()
+    test_images = dm.test_set.tensors()[0]
+    for trial, poisons in enumerate(stored):  # each trial's record scores that trial's stored target
+        assert torch.equal(poisons.target_images[0], test_images[int(poisons.metadata["target_index"])])
+        assert targets[trial] == (int(poisons.target_labels[0]), int(poisons.adversarial_labels[0]))
 
     # Changing a setting that determines the results invalidates them (the key covers it).
     changed = Evaluation(tiny_config(tmp_path, trials=1, defenses=[], attacks=[URP],
@@ -97,11 +116,112 @@ def test_evaluate_a_given_poison_file(tmp_path):
     assert "| given | indiscriminate |" in table
 
 
+def no_victim(*args, **kwargs):
+    raise AssertionError("a victim was trained before the poison sets were checked")
+
+
+def given_file(tmp_path, name="given.npz", eps=0.05, norm="linf", kind="indiscriminate", **fields):
+    """A poison file for the tiny digits: 10 poisons perturbed by +0.05 per pixel (clipped), declaring ``eps``."""
+    x, y = train_split()
+    idx = torch.arange(10)
+    path = tmp_path / name
+    PoisonSet(idx, (x[idx] + 0.05).clamp(0, 1), y[idx], norm, eps, kind=kind, **fields).save(path)
+    return path
+
+
+@pytest.mark.parametrize("eps, norm, match", [
+    (1.0, "linf", r"--poison .*given.npz declares linf eps=1 \(255/255\), above the allowed 0.0313"),
+    (0.05, "linf", r"--poison .*given.npz declares linf eps=0.05 .*above the allowed 0.0313"),
+    (1.0, "l2", r"--poison .*given.npz declares an l2 bound but an linf bound was asked for"),
+])
+def test_poison_eps_bounds_a_given_poison_set_file(tmp_path, monkeypatch, eps, norm, match):
+    """``--poison_eps`` is a bound the file's declared eps must not exceed, checked before any victim trains."""
+    from lightning_defense.cli.evaluate import evaluation_config
+    from lightning_defense.datamodules import PoisonSetError
+
+    path = given_file(tmp_path, eps=eps, norm=norm)
+    monkeypatch.setattr(evaluate_module, "train_victim", no_victim)
+    config = evaluation_config(["--data", json.dumps(DATA), "--poison", str(path), "--poison_eps", "0.0313",
+                                "--output_dir", str(tmp_path / "eval"), "--trials", "1"])
+    with pytest.raises(PoisonSetError, match=match):
+        Evaluation(config).run()
+
+
+def test_poison_eps_accepts_a_file_within_it(tmp_path):
+    from lightning_defense.evaluate import load_poison_file
+
+    path = given_file(tmp_path, eps=0.05)
+    x, y = train_split()
+    for bound in (0.05, 0.1):
+        assert len(load_poison_file(tiny_config(tmp_path, attacks=[], poison=str(path), poison_eps=bound), x, y)) == 10
+    with pytest.raises(ValueError, match="holds a PoisonSet of kind 'indiscriminate' but --poison_kind is 'targeted'"):
+        load_poison_file(tiny_config(tmp_path, attacks=[], poison=str(path), poison_kind="targeted"), x, y)
+
+
+@pytest.mark.parametrize("kind, fields, missing", [
+    ("targeted", {}, "target_images, adversarial_labels"),
+    ("targeted", {"target_images": torch.rand(1, 1, 8, 8)}, "adversarial_labels"),
+    ("backdoor", {"source_class": 1, "target_class": 2}, "trigger"),
+    ("backdoor", {"trigger": torch.ones(1, 2, 2)}, "source_class, target_class"),
+])
+def test_an_unscorable_poison_file_fails_before_any_victim_trains(tmp_path, monkeypatch, kind, fields, missing):
+    path = given_file(tmp_path, kind=kind, **fields)
+    monkeypatch.setattr(evaluate_module, "train_victim", no_victim)
+    with pytest.raises(ValueError, match=rf"--poison .*given.npz: a {kind} PoisonSet needs .* but has no {missing};"):
+        Evaluation(tiny_config(tmp_path, attacks=[], poison=str(path))).run()
+
+
+def test_a_npy_export_takes_its_kind_from_poison_kind(tmp_path, monkeypatch):
+    """A .npy export declares neither bound nor kind: the importer's default (targeted) cannot be scored."""
+    import numpy as np
+
+    from lightning_defense.evaluate import load_poison_file
+
+    x, y = train_split()
+    np.save(tmp_path / "export.npy", (x + 0.05).clamp(0, 1).numpy())
+    monkeypatch.setattr(evaluate_module, "train_victim", no_victim)
+    with pytest.raises(ValueError, match=r"export.npy: a targeted PoisonSet needs target_images, adversarial_labels"):
+        Evaluation(tiny_config(tmp_path, attacks=[], poison=str(tmp_path / "export.npy"), poison_eps=0.05)).run()
+    config = tiny_config(tmp_path, attacks=[], poison=str(tmp_path / "export.npy"), poison_eps=0.05,
+                         poison_kind="indiscriminate")
+    assert load_poison_file(config, x, y).kind == "indiscriminate"
+
+
+def test_an_unscorable_backdoor_is_refused_by_its_classes_and_trigger_position(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate_module, "train_victim", no_victim)
+    wrong_class = given_file(tmp_path, "class.npz", kind="backdoor", trigger=torch.ones(1, 2, 2), source_class=1,
+                             target_class=12)
+    with pytest.raises(ValueError, match=r"class.npz: target_class \[12\] must be classes in 0..9"):
+        Evaluation(tiny_config(tmp_path, attacks=[], poison=str(wrong_class))).run()
+    off_image = given_file(tmp_path, "xy.npz", kind="backdoor", trigger=torch.ones(1, 2, 2), source_class=1,
+                           target_class=2, metadata={"trigger_xy": "7,7"})
+    with pytest.raises(ValueError, match=r"xy.npz: trigger of size 2x2 at x,y=7,7 does not fit 8x8 images"):
+        Evaluation(tiny_config(tmp_path, attacks=[], poison=str(off_image))).run()
+
+
+def test_crafted_poisons_are_checked_before_any_victim_trains(tmp_path, monkeypatch):
+    """A (broken) attack whose targeted poisons carry no target fails right after crafting, not after training."""
+    from lightning_defense.attacks import UniversalRandomPerturbation
+
+    monkeypatch.setattr(UniversalRandomPerturbation, "kind", "targeted")
+    monkeypatch.setattr(evaluate_module, "train_victim", no_victim)
+    with pytest.raises(ValueError, match=r"attack 'urp' \(trial 0: .*trial_0000.safetensors\): a targeted PoisonSet"):
+        Evaluation(tiny_config(tmp_path, attacks=[URP], defenses=[])).run()
+
+
 def test_configuration_errors(tmp_path):
     with pytest.raises(ValueError, match="trials must be an int >= 1; got 0"):
         tiny_config(tmp_path, trials=0)
     with pytest.raises(ValueError, match="attacks is empty"):
         tiny_config(tmp_path, attacks=[])
+    with pytest.raises(ValueError, match=r"poison_eps must be a finite number > 0 .*; got 0.0"):
+        tiny_config(tmp_path, poison_eps=0.0)
+    with pytest.raises(ValueError, match=r"poison_eps must be .*; got nan"):
+        tiny_config(tmp_path, poison_eps=float("nan"))
+    with pytest.raises(ValueError, match=r"poison_norm must be one of \('linf', 'l2'\); got 'l1'"):
+        tiny_config(tmp_path, poison_norm="l1")
+    with pytest.raises(ValueError, match=r"poison_kind must be one of .*; got 'availability'"):
+        tiny_config(tmp_path, poison_kind="availability")
     with pytest.raises(ValueError, match="defense names must be unique and not 'none'"):
         tiny_config(tmp_path, defenses=[{"name": "none"}])
     with pytest.raises(ValueError, match=r"defenses\[0\] needs a non-empty 'name'"):
@@ -133,7 +253,7 @@ SA = {"name": "sa", "class_path": "lightning_defense.attacks.SleeperAgent",
 def test_a_backdoor_goal_fixed_in_the_config_is_used_in_every_trial(tmp_path):
     config = tiny_config(tmp_path, attacks=[{**SA, "goal": {"source_class": 8, "target_class": 5}}], defenses=[])
     records = Evaluation(config).run()
-    poisons = [PoisonSet.load(p) for p in sorted(Path(config.output_dir).glob("poisons/sa/*.safetensors"))]
+    poisons = stored_poisons(Path(config.output_dir) / "poisons" / "sa")
     assert len(poisons) == 2 and {(p.source_class, p.target_class) for p in poisons} == {(8, 5)}
     assert all((p.labels == 5).all() for p in poisons)  # clean-label: the poisons are target-class images
     assert not torch.equal(poisons[0].images, poisons[1].images)  # trials still differ (their seeds)
@@ -141,7 +261,7 @@ def test_a_backdoor_goal_fixed_in_the_config_is_used_in_every_trial(tmp_path):
     # without the goal, the trials draw their own pairs
     drawn = Evaluation(tiny_config(tmp_path / "drawn", attacks=[SA], defenses=[], trials=3))
     drawn.run()
-    pairs = {(p.source_class, p.target_class) for p in map(PoisonSet.load, drawn.out.glob("poisons/sa/*.safetensors"))}
+    pairs = {(p.source_class, p.target_class) for p in stored_poisons(drawn.out / "poisons" / "sa")}
     assert len(pairs) > 1
 
 
@@ -179,7 +299,7 @@ def test_poison_command_is_seeded_and_reproducible(tmp_path, capsys):
     for output in outputs:
         main(["poison", "--config", str(config), "--output", str(output), "--target_index", "5"])
     assert "witches_brew: 13 poisons of 1258" in capsys.readouterr().out
-    a, b = (PoisonSet.load(p) for p in outputs)
+    a, b = (PoisonSet.load(p, validate=False) for p in outputs)
     assert torch.equal(a.images, b.images) and torch.equal(a.indices, b.indices)
     dm = DigitsDataModule(**DATA["init_args"])
     dm.setup()
@@ -361,7 +481,7 @@ def test_the_poison_command_applies_dotted_overrides(tmp_path, capsys):
     config.write_text(yaml.safe_dump({"data": DATA, "attack": {k: v for k, v in URP.items() if k != "name"}}))
     main(["poison", "--config", str(config), "--output", str(tmp_path / "p.safetensors"),
           "--attack.init_args.budget=0.5", "--data.init_args.image_size", "16"])
-    assert PoisonSet.load(tmp_path / "p.safetensors").images.shape[1:] == (1, 16, 16)
+    assert PoisonSet.load(tmp_path / "p.safetensors", validate=False).images.shape[1:] == (1, 16, 16)
     assert "629 poisons of 1258" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"cannot apply --attack.init_args.eps.x=1: attack.init_args.eps is 0.1"):
         main(["poison", "--config", str(config), "--output", str(tmp_path / "p.safetensors"),
