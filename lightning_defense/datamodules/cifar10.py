@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from lightning_defense.core.batch import IndexedDataset
-from lightning_defense.datamodules.base import ImageDataModule
+from lightning_defense.datamodules.base import ImageDataModule, check_fraction, seeded_split
 
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
 FOLDER_NAME = "cifar-10-batches-py"
@@ -96,8 +96,11 @@ class CIFAR10DataModule(ImageDataModule):
 
     Args:
         data_dir: Directory with ``cifar-10-python.tar.gz`` or its extracted ``cifar-10-batches-py/``.
-        val_size: Training images held out for validation (seeded). With 0, validation uses the test
-            split, as the papers' recipes train on all 50,000 images.
+        val_fraction: Fraction of the training file held out (seeded, by
+            :func:`~lightning_defense.datamodules.base.seeded_split`) as the validation split: 0.1 is 5,000 of
+            the 50,000 images, and validation never sees the test split. With 0 the model trains on all 50,000
+            images, as the papers' recipes do, and validation uses the test split; then nothing may be fit on
+            the validation split (ECLIPSE refuses to draw its sparse clean set from it).
         batch_size, num_workers, seed: see :class:`ImageDataModule`.
     """
 
@@ -109,16 +112,15 @@ class CIFAR10DataModule(ImageDataModule):
     def __init__(
         self,
         data_dir: str = "data/cifar10",
-        val_size: int = 0,
+        val_fraction: float = 0.1,
         batch_size: int = 128,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        if val_size < 0:
-            raise ValueError(f"val_size must be >= 0; got {val_size}")
+        check_fraction("val_fraction", val_fraction)
         self.data_dir = data_dir
-        self.val_size = val_size
+        self.val_fraction = val_fraction
 
     def prepare_data(self) -> None:
         read_cifar10(self.data_dir)  # fail early, with the path, when the data is missing or corrupt
@@ -130,11 +132,13 @@ class CIFAR10DataModule(ImageDataModule):
         train_x, train_y = (torch.from_numpy(a) for a in arrays["train"])
         test_x, test_y = (torch.from_numpy(a) for a in arrays["test"])
         self.test_set = IndexedDataset(test_x, test_y)
-        if self.val_size:
-            if self.val_size >= len(train_x):
-                raise ValueError(f"val_size={self.val_size} leaves no training data (train has {len(train_x)})")
-            perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.seed))
-            val_idx, train_idx = perm[: self.val_size].sort().values, perm[self.val_size :].sort().values
+        if self.val_fraction:
+            val_idx, train_idx = seeded_split(len(train_x), (self.val_fraction,), self.seed)
+            if len(val_idx) == 0 or len(train_idx) == 0:
+                raise ValueError(
+                    f"val_fraction={self.val_fraction} of the {len(train_x)} training images leaves "
+                    f"{len(val_idx)} for validation and {len(train_idx)} for training; both need some"
+                )
             self.val_set = IndexedDataset(train_x[val_idx], train_y[val_idx])
             train_x, train_y = train_x[train_idx], train_y[train_idx]
         else:

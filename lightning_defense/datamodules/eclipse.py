@@ -3,7 +3,9 @@
 Algorithm 1 of the paper, as a wrapper of the user's (possibly poisoned) datamodule:
 
 1. **Sparse clean set** D_s: user indices into ``base``'s held-out validation split, a separate clean
-   datamodule, or by default a seeded random B = ``clean_fraction`` * N of the validation split (never test).
+   datamodule, or by default a seeded random B = ``clean_fraction`` * N of the validation split. D_s never
+   shares an image with ``base``'s test split: a validation split that is the test split, or a D_s holding
+   a test image (by content fingerprint), is refused, since the diffusion model would learn test images.
 2. **Replication**: D_A = D_s plus M copies of it, i.e. ``(M + 1) * |D_s|`` items (lines 1-4: D_A starts as
    D_s and M unions follow).
 3. **Sparse diffusion training** from scratch on D_A: improved-DDPM UNet, cosine schedule, learned-range
@@ -28,9 +30,9 @@ from typing import Optional, Sequence, Union
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from lightning_defense.core.batch import dataset_tensors
+from lightning_defense.core.batch import IndexedDataset, dataset_tensors
 from lightning_defense.core.store import ChunkCache, fingerprint
 from lightning_defense.datamodules.diffusion_purified import (
     DiffusionPurifiedDataModule,
@@ -121,7 +123,8 @@ class EclipseDataModule(TrainSplitWrapper):
         progress: Progress bars (rank 0).
 
     Raises:
-        ValueError: an argument out of range, or D_s larger than the validation split.
+        ValueError: an argument out of range, D_s larger than the validation split, or D_s overlapping
+            ``base``'s test split (its validation split is its test split, or a D_s image is a test image).
         TypeError: ``clean_subset`` is neither None, a list of indices nor a datamodule.
 
     Example::
@@ -246,8 +249,19 @@ class EclipseDataModule(TrainSplitWrapper):
 
     # -- Algorithm 1: the sparse set, the denoiser, the purification ----------------------------------
     def sparse_set(self) -> Tensor:
-        """D_s as [0, 1] images (user indices or datamodule, else a seeded sample of the validation split)."""
+        """D_s as [0, 1] images (user indices or datamodule, else a seeded sample of the validation split).
+
+        Raises:
+            ValueError: D_s would share images with ``base``'s test split.
+        """
         self.base.setup("fit")
+        base_name = type(self.base).__name__
+        test_set = getattr(self.base, "test_set", None)
+        if test_set is None:
+            raise AttributeError(
+                f"{base_name} has no test_set after setup('fit'); ECLIPSE checks its sparse clean set against the "
+                "test split, so the wrapped datamodule must set train_set, val_set and test_set in setup()"
+            )
         if isinstance(self.clean_subset, L.LightningDataModule):
             self.clean_subset.setup("fit")
             images = dataset_tensors(self.clean_subset.train_set)[0]
@@ -255,14 +269,22 @@ class EclipseDataModule(TrainSplitWrapper):
             if tuple(images.shape[1:]) != expected:
                 raise ValueError(
                     f"clean_subset {type(self.clean_subset).__name__}'s images are shaped {tuple(images.shape[1:])}; "
-                    f"the training images of {type(self.base).__name__} are {expected}: match image_size/num_channels"
+                    f"the training images of {base_name} are {expected}: match image_size/num_channels"
                 )
+            self.check_disjoint_from_test(images, test_set, f"the training split of {type(self.clean_subset).__name__}")
             return images
         held_out = getattr(self.base, "val_set", None)
         if held_out is None or len(held_out) == 0:
             raise ValueError(
-                f"{type(self.base).__name__} has no validation split to draw the sparse clean set D_s from; give "
-                "it one (e.g. val_fraction / val_size) or pass clean_subset=<a clean datamodule>"
+                f"{base_name} has no validation split to draw the sparse clean set D_s from; give "
+                "it one (e.g. val_fraction) or pass clean_subset=<a clean datamodule>"
+            )
+        if held_out is test_set:
+            raise ValueError(
+                f"{base_name}'s validation split is its test split (e.g. CIFAR10DataModule(val_fraction=0)), so "
+                "ECLIPSE would train its diffusion model on test images and contaminate the test accuracy; hold out "
+                "a validation split from the training data (CIFAR10DataModule's default val_fraction=0.1, "
+                "DigitsDataModule / ImageFolderDataModule val_fraction > 0) or pass clean_subset=<a clean datamodule>"
             )
         available = len(held_out)
         if self.clean_subset is not None:
@@ -270,7 +292,7 @@ class EclipseDataModule(TrainSplitWrapper):
             if len(indices) == 0 or int(indices.min()) < 0 or int(indices.max()) >= available:
                 raise ValueError(
                     f"clean_subset indices must be non-empty and in [0, {available}) (the validation split of "
-                    f"{type(self.base).__name__}); got {len(indices)} indices in "
+                    f"{base_name}); got {len(indices)} indices in "
                     f"[{int(indices.min()) if len(indices) else '-'}, {int(indices.max()) if len(indices) else '-'}]"
                 )
         else:
@@ -283,7 +305,33 @@ class EclipseDataModule(TrainSplitWrapper):
             # the published draw of D_s (a torch generator seeded with ``seed``), kept so that results reproduce
             generator = torch.Generator().manual_seed(self.seed)
             indices = torch.randperm(available, generator=generator)[:size].sort().values
-        return dataset_tensors(held_out)[0][indices]
+        images = dataset_tensors(held_out)[0][indices]
+        self.check_disjoint_from_test(images, test_set, f"the validation split of {base_name}")
+        return images
+
+    def check_disjoint_from_test(self, images: Tensor, test_set: Dataset, source: str) -> None:
+        """Refuse a D_s holding any image of ``base``'s test split, compared by content (one fingerprint per image).
+
+        Raises:
+            ValueError: naming how many D_s images are test images and what to use instead.
+        """
+        test_keys: set[str] = set()
+        batches = (
+            [test_set.tensors()[0]] if isinstance(test_set, IndexedDataset)
+            else (batch[0] for batch in DataLoader(test_set, batch_size=512, shuffle=False))
+        )
+        for batch in batches:
+            test_keys.update(fingerprint(image.float()) for image in batch)
+        shared = [i for i, image in enumerate(images) if fingerprint(image.float()) in test_keys]
+        if shared:
+            raise ValueError(
+                f"{len(shared)} of the {len(images)} sparse-set images D_s (from {source}; positions "
+                f"{shared[:5]}{'...' if len(shared) > 5 else ''}) are images of {type(self.base).__name__}'s test "
+                "split: ECLIPSE would train its diffusion model on test images and contaminate the test accuracy. "
+                "Draw D_s from data disjoint from the test split: a validation split held out from the training "
+                "data (e.g. CIFAR10DataModule's default val_fraction=0.1), clean_subset indices of images not in "
+                "the test split, or a clean datamodule whose training split holds no test image"
+            )
 
     def augmented_set(self) -> Tensor:
         """D_A: D_s with M copies, ``(M + 1) * |D_s|`` images."""

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_defense.core.store import fingerprint
 from lightning_defense.datamodules import CIFAR10DataModule, read_cifar10
+from lightning_defense.datamodules.base import seeded_split
 from lightning_defense.datamodules.cifar10 import FOLDER_NAME, TEST_BATCH, TRAIN_BATCHES
 
 
@@ -40,7 +42,7 @@ def make_archive(root, as_tar, n=4):
 @pytest.mark.parametrize("as_tar", [False, True])
 def test_reads_generated_archive(tmp_path, as_tar):
     expected = make_archive(tmp_path, as_tar)
-    dm = CIFAR10DataModule(str(tmp_path), batch_size=5)
+    dm = CIFAR10DataModule(str(tmp_path), val_fraction=0, batch_size=5)  # all 20 training images
     dm.prepare_data()
     dm.setup("fit")
     assert len(dm.train_set) == 20 and len(dm.test_set) == 4 and dm.val_set is dm.test_set
@@ -52,13 +54,30 @@ def test_reads_generated_archive(tmp_path, as_tar):
     assert y.tolist() == expected[TEST_BATCH][1] and idx.tolist() == [0, 1, 2, 3]
 
 
-def test_val_size_holds_out_training_images(tmp_path):
+def test_default_validation_is_held_out_from_the_training_file_never_test(tmp_path):
+    expected = make_archive(tmp_path, as_tar=False, n=40)  # 200 training images, 40 test images
+    dm = CIFAR10DataModule(str(tmp_path), seed=2)
+    dm.setup("fit")
+    assert dm.val_fraction == 0.1 and len(dm.val_set) == 20 and len(dm.train_set) == 180
+    assert dm.val_set is not dm.test_set
+    train_x = torch.from_numpy(np.concatenate([expected[n][0] for n in TRAIN_BATCHES]))
+    val_idx, train_idx = seeded_split(len(train_x), (0.1,), seed=2)  # 5,000 of the real 50,000
+    assert torch.equal(dm.val_set.images, train_x[val_idx]) and torch.equal(dm.train_set.images, train_x[train_idx])
+    test_keys = {fingerprint(x) for x in torch.from_numpy(expected[TEST_BATCH][0])}
+    assert not test_keys & {fingerprint(x) for x in dm.val_set.images}
+    assert not test_keys & {fingerprint(x) for x in dm.train_set.images}
+
+
+def test_val_fraction_holds_out_training_images(tmp_path):
     make_archive(tmp_path, as_tar=False)
-    dm = CIFAR10DataModule(str(tmp_path), val_size=6, seed=1)
+    dm = CIFAR10DataModule(str(tmp_path), val_fraction=0.3, seed=1)
     dm.setup()
     assert len(dm.val_set) == 6 and len(dm.train_set) == 14
-    with pytest.raises(ValueError, match="val_size"):
-        CIFAR10DataModule(str(tmp_path), val_size=-1)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="val_fraction"):
+            CIFAR10DataModule(str(tmp_path), val_fraction=bad)
+    with pytest.raises(ValueError, match="val_fraction=0.01 of the 20 training images leaves 0 for validation"):
+        CIFAR10DataModule(str(tmp_path), val_fraction=0.01).setup()
 
 
 def test_missing_archive_names_path_and_source(tmp_path):

@@ -4,16 +4,22 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
-from lightning_defense.datamodules import DigitsDataModule
+from lightning_defense.core.batch import IndexedDataset
+from lightning_defense.core.store import fingerprint
+from lightning_defense.datamodules import CIFAR10DataModule, DigitsDataModule
+from lightning_defense.datamodules.base import seeded_split
+from lightning_defense.datamodules.cifar10 import TEST_BATCH, TRAIN_BATCHES
 from lightning_defense.datamodules.diffusion_purified import DiffusionPurifiedDataModule
 from lightning_defense.datamodules.eclipse import EclipseDataModule, compensate, replicate
 from lightning_defense.diffusion import noise_and_denoise
 from lightning_defense.diffusion.denoiser import Denoiser
 from lightning_defense.diffusion.sparse import SparseDenoiserBuilder
 from lightning_defense.models import ImageClassifier
+from tests.datamodules.test_cifar10 import make_archive
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +69,7 @@ def test_sparse_set_comes_from_the_validation_split_and_is_replicated(shared):
     assert len(replicate(sparse, 0)) == len(sparse)
     # user indices into the validation split, and a clean datamodule
     assert torch.equal(eclipse(shared[0], clean_subset=[0, 5, 7]).sparse_set(), val[[0, 5, 7]])
-    other = small_digits(seed=3)
+    other = small_digits(val_fraction=0.1)  # its training split shares no image with base's test split
     other.setup("fit")
     assert torch.equal(eclipse(shared[0], clean_subset=other).sparse_set(), other.train_set.images)
 
@@ -242,6 +248,63 @@ def test_sparse_set_errors(tmp_path):
         eclipse(tmp_path, clean_size=91).sparse_set()
     with pytest.raises(ValueError, match="shaped"):
         eclipse(tmp_path, clean_subset=small_digits(channels=1)).sparse_set()
+
+
+class ValIsTestDigits(DigitsDataModule):
+    """A base whose validation split is its test split, as ``CIFAR10DataModule(val_fraction=0)``."""
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        self.val_set = self.test_set
+
+
+def test_refuses_a_sparse_set_that_overlaps_the_test_split(tmp_path):
+    """The diffusion model must never learn a test image: by identity of the split, and by content."""
+    with pytest.raises(ValueError, match="validation split is its test split.*val_fraction.*clean_subset"):
+        eclipse(tmp_path, base=ValIsTestDigits(image_size=8, num_channels=3, val_fraction=0.05, test_fraction=0.85)).sparse_set()
+    # the test images again, as another dataset object: found by their content
+    copied = small_digits()
+    copied.setup("fit")
+    test_x, test_y = copied.test_set.images, copied.test_set.labels
+    copied.val_set = IndexedDataset(test_x.clone(), test_y.clone())
+    with pytest.raises(ValueError, match=r"(\d+) of the \1 sparse-set images D_s \(from the validation split.*test split"):
+        eclipse(tmp_path, base=copied).sparse_set()
+    # a single test image among the validation images, picked by index
+    mixed = small_digits()
+    mixed.setup("fit")
+    val = mixed.val_set
+    mixed.val_set = IndexedDataset(torch.cat([val.images, test_x[5:6]]), torch.cat([val.labels, test_y[5:6]]))
+    assert torch.equal(eclipse(tmp_path, base=mixed, clean_subset=[0, 1]).sparse_set(), val.images[:2])
+    with pytest.raises(ValueError, match=r"1 of the 2 sparse-set images D_s .*positions \[1\]"):
+        eclipse(tmp_path, base=mixed, clean_subset=[0, len(val)]).sparse_set()
+    # a clean datamodule split with another seed (its training split holds many of base's test images),
+    # and one whose training split holds a single test image of base
+    with pytest.raises(ValueError, match=r"\d+ of the \d+ sparse-set images D_s \(from the training split"):
+        eclipse(tmp_path, clean_subset=small_digits(seed=3)).sparse_set()
+    clean = small_digits()
+    clean.setup("fit")
+    clean.train_set = IndexedDataset(torch.cat([clean.train_set.images, test_x[:1]]), torch.cat([clean.train_set.labels, test_y[:1]]))
+    with pytest.raises(ValueError, match=r"1 of the \d+ sparse-set images D_s \(from the training split of DigitsDataModule"):
+        eclipse(tmp_path, clean_subset=clean).sparse_set()
+
+
+def test_cifar10_default_draws_the_sparse_set_from_held_out_training_images(tmp_path):
+    data = tmp_path / "cifar10"
+    data.mkdir()
+    expected = make_archive(data, as_tar=True, n=40)  # 200 training images, 40 test images
+    with pytest.raises(ValueError, match="validation split is its test split"):
+        eclipse(tmp_path, base=CIFAR10DataModule(str(data), val_fraction=0)).sparse_set()
+    base = CIFAR10DataModule(str(data), batch_size=16)  # the default: a seeded 10% of the training file
+    sparse = eclipse(tmp_path, base=base).sparse_set()
+    assert len(sparse) == round(0.1 * 180) and base.val_set is not base.test_set
+    train_file = torch.from_numpy(np.concatenate([expected[n][0] for n in TRAIN_BATCHES]))
+    held_out = train_file[seeded_split(len(train_file), (0.1,), seed=0)[0]]
+    as_uint8 = (sparse * 255).round().to(torch.uint8)
+    assert torch.equal(sparse, as_uint8.float() / 255)
+    sparse_keys = [fingerprint(x) for x in as_uint8]
+    assert len(set(sparse_keys)) == len(sparse)
+    assert set(sparse_keys) <= {fingerprint(x) for x in held_out}
+    assert not set(sparse_keys) & {fingerprint(x) for x in torch.from_numpy(expected[TEST_BATCH][0])}
 
 
 def _eclipse_fit_args(out, devices):
