@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import Any, Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_defense.core.batch import require_pixel_range, unpack_batch
+from lightning_defense.callbacks.modes import eval_mode
 from lightning_defense.core import rng
+from lightning_defense.core.batch import require_pixel_range, unpack_batch
+from lightning_defense.core.collective import Collective
+
+_RESUMED = 0x5E5  # purpose key of a stream that is new on resume (no saved state for this rank/device)
 
 
 def pgd_attack(
@@ -34,9 +39,14 @@ class AdversarialTraining(L.Callback):
     """Replaces every training batch by its PGD adversarial examples before the training step.
 
     The attack runs in ``on_train_batch_start`` on the un-normalised batch, with the model in eval
-    mode (so BatchNorm statistics are not updated by the attack's forward passes); the model's own
-    augmentation and normalisation follow in ``training_step``.
+    mode (so BatchNorm statistics are not updated by the attack's forward passes); afterwards every
+    submodule gets its own mode back (a frozen :class:`LinearProbe` extractor stays in eval mode). The
+    model's own augmentation and normalisation follow in ``training_step``.
     Batches must hold un-normalised images in [0, 1] (anything else is a clear error, not a silent clamp).
+
+    The random starts come from one stream per seed and global rank, made in ``on_train_start``; every
+    rank's stream state is saved in the checkpoint, so a resumed fit continues the stream of the
+    uninterrupted one instead of replaying its first random starts.
 
     Args:
         eps: l_inf bound in [0, 1] pixel units (8/255 is the usual CIFAR-10 setting).
@@ -61,16 +71,44 @@ class AdversarialTraining(L.Callback):
         self.step_size = step_size if step_size is not None else 2.5 * eps / steps
         self.seed = seed
         self._generator: Optional[torch.Generator] = None
+        self._trainer: Optional[L.Trainer] = None
+        self._saved_generators: Optional[list] = None  # every rank's stream state, from a checkpoint
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(eps=self.eps, steps=self.steps, seed=self.seed)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._generator = rng.generator(self.seed, trainer.global_rank, device=pl_module.device)
+        self._trainer = trainer
+        rank, device = trainer.global_rank, pl_module.device
+        self._generator = rng.generator(self.seed, rank, device=device)
+        if self._saved_generators is None:
+            return
+        saved = self._saved_generators[rank] if rank < len(self._saved_generators) else None
+        self._saved_generators = None
+        if saved is not None and saved["device"] == device.type:
+            self._generator.set_state(saved["state"])
+            return
+        warnings.warn(
+            f"AdversarialTraining: the checkpoint holds no random-start stream state for rank {rank} on {device.type} "
+            f"(more processes, or another device); starting a new stream keyed by the resumed step {trainer.global_step}"
+        )
+        self._generator = rng.generator(self.seed, rank, trainer.global_step, _RESUMED, device=device)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         x, y, _ = unpack_batch(batch)
         require_pixel_range(x, "AdversarialTraining")
-        pl_module.eval()
-        try:
-            with torch.enable_grad():
-                x.copy_(pgd_attack(pl_module, x, y, self.eps, self.steps, self.step_size, self._generator))
-        finally:
-            pl_module.train()
+        with eval_mode(pl_module), torch.enable_grad():
+            x.copy_(pgd_attack(pl_module, x, y, self.eps, self.steps, self.step_size, self._generator))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's random-start stream state (gathered on rank 0; Lightning builds a checkpoint on every rank)."""
+        if self._generator is None:
+            return {}
+        mine = {"device": self._generator.device.type, "state": self._generator.get_state()}
+        everyone = Collective.of(self._trainer).gather(mine)
+        return {"generators": everyone if everyone is not None else [mine]}  # rank 0's copy is the one written
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the saved stream states; ``on_train_start`` continues this rank's."""
+        self._saved_generators = list(state_dict.get("generators") or [])

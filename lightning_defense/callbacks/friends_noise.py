@@ -21,10 +21,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_defense.callbacks.modes import eval_mode
 from lightning_defense.core.batch import dataset_tensors, require_pixel_range, unpack_batch
 from lightning_defense.core.collective import Collective
 from lightning_defense.core.rng import generator, per_sample_uniform
-from lightning_defense.core.store import ChunkCache, atomic_write, fill_cache, fingerprint
+from lightning_defense.core.store import ChunkCache, CorruptStoreError, atomic_write, fill_cache, fingerprint
 
 NOISE_TYPES = ("bernoulli", "uniform", "gaussian")
 _FILE_FORMAT = "friends-int8-v1"
@@ -413,13 +414,11 @@ class FriendsNoise(Callback):
                 f"FriendsNoise: generating friendly noise for {len(images)} samples at epoch {trainer.current_epoch} "
                 f"into {cache.directory}" + (f" (resuming: {done}/{len(cache.ranges)} chunks done)" if done else "")
             )
-        was_training = pl_module.training
-        pl_module.eval()
-        try:  # every rank calls it (it follows rank 0's view of the disk); a no-op but a barrier when complete
+        # in eval mode; afterwards every submodule gets its own mode back (a LinearProbe's extractor stays in eval).
+        # Every rank calls fill_cache (it follows rank 0's view of the disk); a no-op but a barrier when complete.
+        with eval_mode(pl_module):
             fill_cache(cache, lambda start, stop: self._friendly_range(pl_module, images, start, stop),
                        desc="FRIENDS friendly noise", collective=Collective.of(trainer))
-        finally:
-            pl_module.train(was_training)
         if not cache.is_complete():
             raise RuntimeError(
                 f"FriendsNoise: rank {trainer.global_rank} cannot see the friendly noise that rank 0 wrote to "
@@ -452,13 +451,19 @@ def _read_chunks(cache: ChunkCache) -> Tensor:
 
 def _read_noise_file(path: Union[str, Path]) -> tuple[Tensor, float]:
     """``(int8 noise, zeta)`` from a file written by :meth:`FriendsNoise.save`."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != _FILE_FORMAT or "friendly_noise" not in f.keys():
-            raise ValueError(f"{str(path)!r} is not a FriendsNoise file (format {_FILE_FORMAT!r} with key 'friendly_noise')")
-        noise = f.get_tensor("friendly_noise")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != _FILE_FORMAT or "friendly_noise" not in f.keys():
+                raise ValueError(f"{str(path)!r} is not a FriendsNoise file (format {_FILE_FORMAT!r} with key 'friendly_noise')")
+            noise = f.get_tensor("friendly_noise")
+    except SafetensorError as err:
+        raise CorruptStoreError(
+            f"the friendly noise file {str(path)!r} cannot be read as safetensors ({err}): it is truncated or damaged. "
+            "Copy the original back, or write it again with FriendsNoise.save() (save_file=)"
+        ) from err
     if noise.dtype != torch.int8 or noise.ndim != 4:
         raise ValueError(f"{str(path)!r}: friendly_noise must be int8 (N, C, H, W); got {noise.dtype} {tuple(noise.shape)}")
     return noise, float(metadata["zeta"])

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_defense.core.collective import Collective
+from lightning_defense.core.store import CorruptStoreError
 from lightning_defense.models.backbones import head_module, load_backbone
 
 
@@ -173,9 +174,16 @@ def load_state_dict_file(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``, never unpickled)."""
     path = Path(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise CorruptStoreError(
+                f"the weight file {str(path)!r} cannot be read as safetensors ({err}): it is truncated or damaged. "
+                "Copy or download it again (compare its size and SHA-256 with the original's)"
+            ) from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001

@@ -7,29 +7,39 @@
   with a SHA-256 written beside it and listed in a manifest that is written last;
   :func:`fill_cache` computes the missing (or damaged) chunks, shared out over the ranks of a
   :class:`~lightning_defense.core.collective.Collective` (global rank 0 writes), and resumes after a
-  kill; :meth:`ChunkCache.load` verifies every chunk against its digest before it is used.
+  kill; :meth:`ChunkCache.load` verifies every chunk against its digest before it is used. A lock file
+  per cache directory (:func:`exclusive_lock`) makes a second job on the same cache wait for the first
+  and then find its finished chunks, instead of computing them all again.
 * :class:`RecordStore` holds keyed records (a certification model's votes, an evaluation trial's result),
   each file with its digest, under a ``key.json`` that names the configuration.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_defense.core.collective import Collective
 
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): caches are not locked against other processes
+    fcntl = None
+
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 DIGEST_SUFFIX = ".sha256"
 STORAGE_DTYPES = {"uint8": np.uint8, "float16": np.float16}
 # What a ChunkCache can hold: the image storage formats, and int8 (FRIENDS' friendly noise in units of zeta/127).
@@ -93,6 +103,57 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str, Callable[[Any],
             os.remove(tmp)
         raise
     return path
+
+
+@contextmanager
+def exclusive_lock(path: Union[str, Path], what: str = "") -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if needed) for the block; other processes wait.
+
+    The lock file is removed on release; a waiter that then holds the lock of a removed file takes the
+    lock again on the new one, so two processes never both hold it. The kernel releases the lock of a
+    killed process (a left-over file is harmless). On a filesystem without ``flock`` support the block
+    runs unlocked, with a warning; on a system without ``fcntl`` (Windows) it runs unlocked.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(path, what) if fcntl is not None else None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)  # while still held, so that a waiter on this file sees it is gone
+            os.close(fd)
+
+
+def _acquire(path: Path, what: str) -> Optional[int]:
+    """A descriptor of ``path`` holding its exclusive lock (None where the filesystem has no locks)."""
+    waited = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    rank_zero_info(f"waiting for the other process that holds {path} ({what or 'the same cache'})")
+                    waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False  # the holder removed the file on release
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            rank_zero_warn(f"{path.parent} does not support file locks ({err}); running unlocked, so a second job "
+                           "on the same cache would compute its chunks again")
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            return fd
+        os.close(fd)  # locked a file that is gone: lock the new one
 
 
 def canonical(obj: Any) -> Any:
@@ -173,6 +234,14 @@ class ChunkCache:
 
     def chunk_path(self, chunk: int) -> Path:
         return self.directory / f"chunk_{chunk:05d}.npy"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.directory / LOCK
+
+    def lock(self):
+        """An exclusive lock on this cache directory against other processes (:func:`exclusive_lock`)."""
+        return exclusive_lock(self.lock_path, f"computing {self.directory.name}")
 
     @property
     def manifest_path(self) -> Path:
@@ -296,36 +365,42 @@ def fill_cache(
     barrier ends the call. A chunk's content does not depend on which rank computed it, so 1 and N
     processes give identical bytes. An interrupted run resumes from the chunks already written; a chunk
     that does not match its digest is reported by name and computed again, never used.
+
+    Global rank 0 holds the cache's lock (:meth:`ChunkCache.lock`) from its look at the disk to the
+    manifest: another job filling the same cache waits for it and then finds the finished, verified
+    chunks, so each chunk is computed once. (Under DDP the other ranks wait at the broadcast meanwhile,
+    within the process group's timeout.)
     """
     collective = collective or Collective()
     rank, world = collective.rank, collective.world_size
-    todo = None
-    if rank == 0:
-        damaged = cache.damaged()
-        if damaged:
-            rank_zero_warn(f"{cache.directory}: chunks {[cache.chunk_path(i).name for i in damaged]} do not match "
-                           "their SHA-256; computing them again")
-            cache.discard(damaged)
-        todo = [] if cache.is_complete() else cache.missing()
-    todo = collective.broadcast(todo, src=0)  # every rank follows rank 0's view of the disk
-    bar = None
-    if progress and rank == 0 and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(cache.ranges[i][1] - cache.ranges[i][0] for i in todo), desc=desc, unit="img")
-    for first in range(0, len(todo), world):
-        mine = todo[first + rank] if first + rank < len(todo) else None
-        results = collective.gather(None if mine is None else (mine, compute(*cache.ranges[mine])))
+    with cache.lock() if rank == 0 else nullcontext():
+        todo = None
         if rank == 0:
-            for item in results:
-                if item is not None:
-                    cache.write_chunk(*item)
-                    if bar is not None:
-                        bar.update(len(item[1]))
-    if bar is not None:
-        bar.close()
-    if rank == 0 and not cache.is_complete():
-        cache.write_manifest()
+            damaged = cache.damaged()
+            if damaged:
+                rank_zero_warn(f"{cache.directory}: chunks {[cache.chunk_path(i).name for i in damaged]} do not "
+                               "match their SHA-256; computing them again")
+                cache.discard(damaged)
+            todo = [] if cache.is_complete() else cache.missing()
+        todo = collective.broadcast(todo, src=0)  # every rank follows rank 0's view of the disk
+        bar = None
+        if progress and rank == 0 and todo:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(cache.ranges[i][1] - cache.ranges[i][0] for i in todo), desc=desc, unit="img")
+        for first in range(0, len(todo), world):
+            mine = todo[first + rank] if first + rank < len(todo) else None
+            results = collective.gather(None if mine is None else (mine, compute(*cache.ranges[mine])))
+            if rank == 0:
+                for item in results:
+                    if item is not None:
+                        cache.write_chunk(*item)
+                        if bar is not None:
+                            bar.update(len(item[1]))
+        if bar is not None:
+            bar.close()
+        if rank == 0 and not cache.is_complete():
+            cache.write_manifest()
     collective.barrier("fill_cache")
 
 

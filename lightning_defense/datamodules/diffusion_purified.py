@@ -27,7 +27,12 @@ from lightning_defense.core.store import (
     to_storage,
 )
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
-from lightning_defense.diffusion.denoise import noise_and_denoise, sigma_at_timestep, timestep_for_sigma
+from lightning_defense.diffusion.denoise import (
+    noise_and_denoise,
+    sigma_at_timestep,
+    timestep_for_sigma,
+    warn_no_purification,
+)
 from lightning_defense.diffusion.denoiser import Denoiser, load_denoiser
 
 #: Bump when a change to the purification code changes its output: old caches are then not reused.
@@ -205,7 +210,10 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
     def noise_level(self, denoiser: Denoiser) -> tuple[int, float]:
         """``(t*, sigma)``: from ``sigma`` by GETTIMESTEP, or from a fixed ``timestep``."""
         if self.timestep is not None:
-            return int(self.timestep), sigma_at_timestep(denoiser.alphas_cumprod, int(self.timestep))
+            sigma = sigma_at_timestep(denoiser.alphas_cumprod, int(self.timestep))
+            if self.timestep == 0:
+                warn_no_purification(sigma, sigma)
+            return int(self.timestep), sigma
         return timestep_for_sigma(denoiser.alphas_cumprod, self.sigma), self.sigma
 
     def _check_images(self, images: torch.Tensor, denoiser: Denoiser) -> None:

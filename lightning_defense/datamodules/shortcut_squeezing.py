@@ -26,12 +26,30 @@ def grayscale(images: Tensor) -> Tensor:
 
 
 def jpeg_compress(images: Tensor, quality: int) -> Tensor:
-    """Encode every image as JPEG at ``quality`` and decode it again (8-bit round trip)."""
+    """Encode every image as JPEG at ``quality`` and decode it again (8-bit round trip).
+
+    Raises:
+        ValueError: If ``images`` are not in [0, 1] (8-bit JPEG would clip them).
+    """
     from torchvision.io import decode_jpeg, encode_jpeg
 
-    as_uint8 = images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+    require_unit_range(images, "jpeg_compress", "images")
+    as_uint8 = images.mul(255).round_().to(torch.uint8)
     decoded = decode_jpeg(encode_jpeg(list(as_uint8), quality=quality))
     return torch.stack([d.expand(images.shape[1], -1, -1) for d in decoded]).float().div_(255.0)
+
+
+def require_unit_range(images: Tensor, who: str, what: str) -> None:
+    """Raise unless ``images`` lie in [0, 1]: ISS squeezes un-normalised pixels and never clips them silently."""
+    if images.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(images.detach().float())).tolist()
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"{who}: the {what} hold values in [{low:.4g}, {high:.4g}], outside [0, 1]. Image shortcut squeezing "
+            "acts on un-normalised pixels in [0, 1] (8-bit JPEG would clip everything else); give it images in "
+            "[0, 1] and normalise inside the LightningModule, e.g. ImageClassifier(mean=..., std=...)"
+        )
 
 
 class ShortcutSqueezeDataModule(TrainSplitWrapper):
@@ -41,6 +59,9 @@ class ShortcutSqueezeDataModule(TrainSplitWrapper):
         base: The (possibly poisoned) datamodule.
         method: ``"grayscale"`` or ``"jpeg"``.
         quality: JPEG quality in [1, 100] (ISS uses 10 against l_inf poisons).
+
+    The training images must be un-normalised, in [0, 1]; anything else is a clear error in ``setup``,
+    never a silent clip.
 
     Example::
 
@@ -58,5 +79,6 @@ class ShortcutSqueezeDataModule(TrainSplitWrapper):
 
     def wrap_train(self, train_set: Dataset) -> Dataset:
         images, labels = dataset_tensors(train_set)
+        require_unit_range(images, "ShortcutSqueezeDataModule", f"training images of {type(self.base).__name__}")
         squeezed = grayscale(images) if self.method == "grayscale" else jpeg_compress(images, self.quality)
         return IndexedDataset(squeezed, labels)

@@ -20,7 +20,7 @@ import math
 from typing import Callable, Optional
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_defense.core.rng import per_sample_normal
@@ -53,6 +53,9 @@ def timestep_for_sigma(alphas_cumprod: Tensor, sigma: float, log: bool = True) -
         sigma: Noise std in [0, 1] pixel units.
         log: Log the chosen t* and the sigma it gives.
 
+    Warns when t* = 0 (``sigma`` at or below the schedule's first noise level): the data then comes back
+    nearly unchanged.
+
     Raises:
         ValueError: ``sigma`` is not positive, or larger than the schedule can reach.
 
@@ -71,12 +74,23 @@ def timestep_for_sigma(alphas_cumprod: Tensor, sigma: float, log: bool = True) -
             f"it reaches is {max_sigma:.4g} (at t={len(ratio) - 1}); use a smaller sigma or a longer schedule"
         )
     t_star = int(reached[0])
+    if t_star == 0:
+        warn_no_purification(sigma, float(ratio[0]) / 2.0)
     if log:
         rank_zero_info(
             f"diffusion denoising: sigma={sigma} -> t*={t_star} of {len(ratio)} "
             f"(the schedule's sigma at t* is {float(ratio[t_star]) / 2.0:.4f})"
         )
     return t_star
+
+
+def warn_no_purification(sigma: float, first_sigma: float) -> None:
+    """Warn (rank zero) that t* = 0: denoising from the schedule's first step leaves the data nearly unchanged."""
+    rank_zero_warn(
+        f"diffusion denoising: sigma={sigma:g} is at or below the schedule's first noise level (sigma {first_sigma:.4g} "
+        "at t=0), so t*=0: there is no purification to speak of and the data is returned nearly unchanged. Use a "
+        "larger sigma (Hong et al. use 0.1 to 1.0)"
+    )
 
 
 def to_model_space(images: Tensor) -> Tensor:

@@ -244,3 +244,13 @@ def test_purify_command_under_torchrun_shares_the_work_and_matches_one_process(d
     assert output.count("purified training set: ") == 1  # printed by rank 0 only
     two_dir = tmp_path / "two" / one.cache.directory.name
     assert chunk_bytes(two_dir) == chunk_bytes(one.cache.directory) and len(chunk_bytes(two_dir)) == 3
+
+
+def test_sigma_below_the_first_noise_level_warns_that_the_data_comes_back_nearly_unchanged(ddpm_dir, tmp_path):
+    dm = purified(ddpm_dir, tmp_path, sigma=1e-9)
+    with pytest.warns(UserWarning, match=r"sigma=1e-09 is at or below the schedule's first noise level.*t\*=0.*nearly "
+                                         "unchanged"):
+        dm.setup("fit")
+    assert dm.cache.meta["t_star"] == 0
+    with pytest.warns(UserWarning, match="t\\*=0"):
+        purified(ddpm_dir, tmp_path, sigma=None, timestep=0).setup("fit")

@@ -39,3 +39,21 @@ def test_wrapper_squeezes_training_split_only():
 def test_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ShortcutSqueezeDataModule(DigitsDataModule(), **kwargs)
+
+
+class NormalisedDigits(DigitsDataModule):
+    """Digits normalised with mean/std 0.5 in the datamodule: values in [-1, 1] (the mistake the error names)."""
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        self.train_set.images = (self.train_set.images - 0.5) / 0.5
+
+
+@pytest.mark.parametrize("method", ["jpeg", "grayscale"])
+def test_training_images_outside_the_unit_range_are_refused_not_clamped(method):
+    dm = ShortcutSqueezeDataModule(NormalisedDigits(image_size=8), method=method)
+    with pytest.raises(ValueError, match=r"ShortcutSqueezeDataModule: the training images of NormalisedDigits hold "
+                                         r"values in \[-1, 1\], outside \[0, 1\].*normalise inside the LightningModule"):
+        dm.setup("fit")
+    with pytest.raises(ValueError, match=r"jpeg_compress: the images hold values in \[-0.5, 1\]"):
+        jpeg_compress(torch.linspace(-0.5, 1, 64).view(1, 1, 8, 8), quality=10)

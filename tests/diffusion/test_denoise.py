@@ -38,6 +38,16 @@ def test_timestep_for_sigma_reproduces_the_reference_cosine_values():
     assert [timestep_for_sigma(abar, s) for s in (0.1, 0.25, 0.5, 1.0)] == [475, 1158, 1984, 2809]
 
 
+def test_sigma_below_the_first_noise_level_warns_that_nothing_is_purified(recwarn):
+    abar = linear_schedule()  # sigma at t=0 is sqrt(1e-4 / (1 - 1e-4)) / 2 ~ 0.005
+    with pytest.warns(UserWarning, match=r"sigma=1e-09 is at or below the schedule's first noise level \(sigma 0.005.* "
+                                         r"at t=0\), so t\*=0.*returned nearly unchanged"):
+        assert timestep_for_sigma(abar, 1e-9) == 0
+    recwarn.clear()
+    assert timestep_for_sigma(abar, 0.01) == 3
+    assert not [w for w in recwarn if "first noise level" in str(w.message)]  # t* > 0: no warning
+
+
 def test_unreachable_and_bad_sigma_are_clear_errors():
     abar = linear_schedule(100)
     with pytest.raises(ValueError, match=r"sigma=5.0 is out of reach.*largest pixel-space sigma it reaches is 0.66"):
