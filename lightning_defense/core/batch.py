@@ -85,11 +85,15 @@ def unpack_batch(batch) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     )
 
 
-def require_pixel_range(images: Tensor, who: str, what: str = "training batch") -> None:
+def require_pixel_range(images: Tensor, who: str, what: str = "training batch",
+                        acts_on: str = "These callbacks act on un-normalised pixels in [0, 1] (and clamp their "
+                                       "perturbed images to [0, 1])") -> None:
     """Raise unless ``images`` lie in [0, 1], the batch contract (one ``aminmax`` and one sync).
 
     Defenses that perturb pixels and clamp the result to [0, 1] (FRIENDS, PGD adversarial training) call it
     first: on normalised images (e.g. in [-1, 1]) that clamp would silently destroy half of every image.
+
+    ``acts_on`` says what the caller does with pixels, for the message.
 
     Raises:
         ValueError: naming ``who``, the observed range and what would work.
@@ -99,7 +103,6 @@ def require_pixel_range(images: Tensor, who: str, what: str = "training batch") 
     low, high = torch.stack(torch.aminmax(images.detach().float())).tolist()
     if low < 0.0 or high > 1.0:
         raise ValueError(
-            f"{who}: the {what} holds values in [{low:.4g}, {high:.4g}], outside [0, 1]. These callbacks act on "
-            "un-normalised pixels in [0, 1] (and clamp their perturbed images to [0, 1]); give them images in "
-            "[0, 1] and normalise inside the LightningModule, e.g. ImageClassifier(mean=..., std=...)"
+            f"{who}: got {what} with values in [{low:.4g}, {high:.4g}], outside [0, 1]. {acts_on}; give it images "
+            "in [0, 1] and normalise inside the LightningModule, e.g. ImageClassifier(mean=..., std=...)"
         )

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_defense.core.batch import IndexedDataset, dataset_tensors
+from lightning_defense.core.batch import IndexedDataset, dataset_tensors, require_pixel_range
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
 
 ISS_METHODS = ("grayscale", "jpeg")
@@ -25,6 +25,9 @@ def grayscale(images: Tensor) -> Tensor:
     return (images * weights).sum(1, keepdim=True).expand_as(images).contiguous()
 
 
+ISS_ACTS_ON = "Image shortcut squeezing acts on un-normalised pixels in [0, 1] (8-bit JPEG would clip everything else)"
+
+
 def jpeg_compress(images: Tensor, quality: int) -> Tensor:
     """Encode every image as JPEG at ``quality`` and decode it again (8-bit round trip).
 
@@ -33,23 +36,10 @@ def jpeg_compress(images: Tensor, quality: int) -> Tensor:
     """
     from torchvision.io import decode_jpeg, encode_jpeg
 
-    require_unit_range(images, "jpeg_compress", "images")
+    require_pixel_range(images, "jpeg_compress", "images", ISS_ACTS_ON)
     as_uint8 = images.mul(255).round_().to(torch.uint8)
     decoded = decode_jpeg(encode_jpeg(list(as_uint8), quality=quality))
     return torch.stack([d.expand(images.shape[1], -1, -1) for d in decoded]).float().div_(255.0)
-
-
-def require_unit_range(images: Tensor, who: str, what: str) -> None:
-    """Raise unless ``images`` lie in [0, 1]: ISS squeezes un-normalised pixels and never clips them silently."""
-    if images.numel() == 0:
-        return
-    low, high = torch.stack(torch.aminmax(images.detach().float())).tolist()
-    if low < 0.0 or high > 1.0:
-        raise ValueError(
-            f"{who}: the {what} hold values in [{low:.4g}, {high:.4g}], outside [0, 1]. Image shortcut squeezing "
-            "acts on un-normalised pixels in [0, 1] (8-bit JPEG would clip everything else); give it images in "
-            "[0, 1] and normalise inside the LightningModule, e.g. ImageClassifier(mean=..., std=...)"
-        )
 
 
 class ShortcutSqueezeDataModule(TrainSplitWrapper):
@@ -79,6 +69,7 @@ class ShortcutSqueezeDataModule(TrainSplitWrapper):
 
     def wrap_train(self, train_set: Dataset) -> Dataset:
         images, labels = dataset_tensors(train_set)
-        require_unit_range(images, "ShortcutSqueezeDataModule", f"training images of {type(self.base).__name__}")
+        require_pixel_range(images, "ShortcutSqueezeDataModule", f"training images of {type(self.base).__name__}",
+                            ISS_ACTS_ON)
         squeezed = grayscale(images) if self.method == "grayscale" else jpeg_compress(images, self.quality)
         return IndexedDataset(squeezed, labels)

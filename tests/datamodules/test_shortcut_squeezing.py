@@ -52,8 +52,8 @@ class NormalisedDigits(DigitsDataModule):
 @pytest.mark.parametrize("method", ["jpeg", "grayscale"])
 def test_training_images_outside_the_unit_range_are_refused_not_clamped(method):
     dm = ShortcutSqueezeDataModule(NormalisedDigits(image_size=8), method=method)
-    with pytest.raises(ValueError, match=r"ShortcutSqueezeDataModule: the training images of NormalisedDigits hold "
+    with pytest.raises(ValueError, match=r"ShortcutSqueezeDataModule: got training images of NormalisedDigits with "
                                          r"values in \[-1, 1\], outside \[0, 1\].*normalise inside the LightningModule"):
         dm.setup("fit")
-    with pytest.raises(ValueError, match=r"jpeg_compress: the images hold values in \[-0.5, 1\]"):
+    with pytest.raises(ValueError, match=r"jpeg_compress: got images with values in \[-0.5, 1\]"):
         jpeg_compress(torch.linspace(-0.5, 1, 64).view(1, 1, 8, 8), quality=10)

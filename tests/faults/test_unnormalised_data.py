@@ -15,7 +15,7 @@ from lightning_defense.models import ImageClassifier
 
 
 def _message(who, what="training batch"):
-    return (rf"{who}: the {what} holds values in \[-1, [-.0-9e]+\], outside \[0, 1\]\. These callbacks act on un-normalised "
+    return (rf"{who}: got {what} with values in \[-1, [-.0-9e]+\], outside \[0, 1\]\. These callbacks act on un-normalised "
             r"pixels in \[0, 1\].*normalise inside the LightningModule, e.g\. ImageClassifier\(mean=\.\.\., std=\.\.\.\)")
 
 
