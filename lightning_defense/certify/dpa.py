@@ -3,7 +3,12 @@
 The training set is split into k partitions by a deterministic hash of each sample's pixel
 values, one base classifier is trained per partition, and the ensemble predicts the plurality
 vote. Inserting or deleting one training sample changes one partition and so at most one vote,
-which gives a deterministic certificate on the number of poisoned samples (Theorem 1).
+which gives a deterministic certificate on |T (-) U|, the size of the symmetric difference of the
+clean and the poisoned training set, i.e. on insertions plus deletions (Theorem 1).
+
+A clean-label poison modifies a training sample: one deletion plus one insertion (the two may even
+fall in different partitions). A certified size rho therefore covers floor(rho / 2) modified samples
+(:func:`certified_modified_samples`), not rho.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "certified_modified_samples",
     "dpa_certificate",
     "dpa_certificate_batch",
     "dpa_partition",
@@ -87,14 +93,16 @@ def dpa_certificate_batch(votes: Any, num_classes: int) -> tuple[torch.Tensor, t
     With n_c the number of partition models voting c, the prediction is c = argmax_c n_c
     (ties go to the smaller class index) and the certified poisoning size is
     rho = floor((n_c - max_{c' != c}(n_{c'} + 1[c' < c])) / 2): the prediction cannot change
-    under any insertion/deletion of at most rho training samples.
+    for any poisoned training set U with |T (-) U| <= rho, i.e. at most rho insertions plus deletions
+    (a modified sample counts twice; see :func:`certified_modified_samples`).
 
     Args:
         votes: Each partition model's argmax prediction, integer shape (T, k).
         num_classes: Number of classes, >= 2.
 
     Returns:
-        ``(prediction, certified_size)``, LongTensors of shape (T,); certified_size >= 0.
+        ``(prediction, certified_size)``, LongTensors of shape (T,); certified_size >= 0, in
+        insertions plus deletions.
 
     Raises:
         ValueError: If votes is not 2-D integer with values in [0, num_classes), or
@@ -135,8 +143,34 @@ def dpa_certificate(votes: Any, num_classes: int) -> tuple[int, int]:
     return int(prediction[0]), int(size[0])
 
 
+def certified_modified_samples(certified_size: Any) -> torch.Tensor:
+    """How many modified training samples a DPA certificate covers: floor(rho / 2).
+
+    Theorem 1 of Levine & Feizi counts |T (-) U|, insertions plus deletions; modifying a sample (a
+    clean-label poison) deletes the original and inserts the poison, so it costs 2.
+
+    Args:
+        certified_size: Certified sizes rho >= 0 in insertions plus deletions, any shape (or an int).
+
+    Returns:
+        LongTensor of the same shape.
+
+    Raises:
+        ValueError: If a size is negative or not an integer.
+    """
+    sizes = torch.as_tensor(certified_size)
+    if sizes.is_floating_point() or sizes.is_complex() or sizes.dtype == torch.bool:
+        raise ValueError(f"certified_size must hold integer sizes (insertions plus deletions), got dtype {sizes.dtype}")
+    if sizes.numel() and sizes.min() < 0:
+        raise ValueError(f"certified_size must be >= 0, got values down to {sizes.min().item()}")
+    return torch.div(sizes.long(), 2, rounding_mode="floor")
+
+
 def median_certified_size(sizes: Any, correct: Any) -> int:
     """Median certified poisoning size, the DPA paper's "median certified robustness".
+
+    In whatever unit ``sizes`` are: insertions plus deletions (Levine & Feizi), or modified samples
+    (pass :func:`certified_modified_samples` of them).
 
     Misclassified test points count as -1 (not certified at any size, not even 0), as in
     Levine & Feizi. For an even number of points the upper middle value is taken, so the result

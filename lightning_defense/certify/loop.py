@@ -1,15 +1,20 @@
 """The certification loop: m models on independently smoothed training sets, or DPA's k partitions.
 
-Randomized smoothing over the training data (Hong, Carlini & Kurakin, Sec. 3.3, Pseudocode 1-2;
-Weber et al.'s RAB): model i trains on the training set rewritten by a smoothing wrapper with draw
-``seed=i`` (Gaussian noise, diffusion denoising, ECLIPSE, ...), every model votes on the test points,
-the first n0 models select c_A and the other n = m - n0 estimate pA (Cohen et al.'s CERTIFY), and
-the certified l2 radius sigma * Phi^-1(pA) bounds the whole training set's perturbation
-sqrt(sum_i ||delta_i||_2^2).
+Three modes:
 
-Deep Partition Aggregation (Levine & Feizi): k models, model i on the training samples whose pixel
-hash is i mod k; the certificate is the number of inserted/removed training samples the plurality vote
-survives.
+- ``smoothing``, randomized smoothing over the training data only (Hong, Carlini & Kurakin, Sec. 3.3,
+  Pseudocode 1-2; test-time noise X = 0): model i trains on the training set rewritten by a smoothing
+  wrapper with draw ``seed=i`` (Gaussian noise alone, i.e. Hong et al.'s "Gaussian-only" baseline, by
+  default; diffusion denoising, ECLIPSE, ...) and votes on the clean test points; the first n0 models
+  select c_A and the other n = m - n0 estimate pA (Cohen et al.'s CERTIFY); the certified l2 radius
+  sigma * Phi^-1(pA) bounds the whole training set's perturbation sqrt(sum_i ||delta_i||_2^2).
+- ``rab``, RAB (Weber et al.): as above, and model i also votes on each test point plus its own Gaussian
+  draw N(0, sigma^2 I); the radius sigma / 2 * (Phi^-1(pA) - Phi^-1(pB)) bounds the joint perturbation of
+  the test input and the training set, sqrt(||delta_x||_2^2 + sum_i ||delta_i||_2^2).
+- ``dpa``, Deep Partition Aggregation (Levine & Feizi): k models, model i on the training samples whose
+  pixel hash is i mod k; the certificate is |T (-) U|, the insertions plus deletions of training samples
+  the plurality vote survives, and floor(|T (-) U| / 2), the modified samples (clean-label poisons) it
+  survives.
 
 The trainings are sharded over every DDP rank (``lightning.fabric``), several small models train at
 once per device (``training.models_per_batch``), and each model's votes are stored atomically, with
@@ -32,15 +37,20 @@ from typing import Any, Optional, Union
 import lightning as L
 import numpy as np
 import torch
-from scipy.stats import norm
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_defense.certify.dpa import dpa_certificate_batch, dpa_partition, median_certified_size
+from lightning_defense.certify.dpa import (
+    certified_modified_samples,
+    dpa_certificate_batch,
+    dpa_partition,
+    median_certified_size,
+)
 from lightning_defense.certify.smoothing import (
     ABSTAIN,
     certified_accuracy,
     certify_batch,
+    certify_rab_batch,
     plot_certified_accuracy,
 )
 from lightning_defense.certify.training import build_model, train_and_vote
@@ -59,17 +69,34 @@ __all__ = [
     "run_certification",
 ]
 
-MODES = ("smoothing", "dpa")
+MODES = ("smoothing", "rab", "dpa")
+SMOOTHED_MODES = ("smoothing", "rab")  # the modes that train on smoothed copies of the training set
 SELECTIONS = ("split", "all")
 DEFAULT_SMOOTHING = {"class_path": "lightning_defense.datamodules.GaussianNoiseDataModule", "init_args": {}}
-"""Training-data Gaussian noise (RAB), the default smoothing wrapper; its sigma comes from ``sigma``."""
+"""The default smoothing wrapper: Gaussian noise on the training data alone. With clean test inputs (mode
+``smoothing``) this is Hong et al.'s "Gaussian-only" baseline; with mode ``rab`` it is RAB's training-set
+noise. Its sigma comes from ``sigma``."""
 FORMAT_VERSION = 2  # bump when the training loop changes what a model's votes are (2: core fingerprints, digests)
 
 CERTIFICATES_CSV = "certificates.csv"
 CURVE_CSV = "certified_accuracy.csv"
 CURVE_PNG = "certified_accuracy.png"
 SUMMARY_JSON = "summary.json"
-DPA_XLABEL = "training samples inserted or removed"
+
+# What each mode's certificate bounds (summary.json's "certifies", the plots' x-axis).
+CERTIFIES = {
+    "smoothing": "l2 norm of the whole training set's perturbation, sqrt(sum_i ||delta_i||_2^2), in [0, 1] pixel "
+                 "units (Hong et al., test inputs not perturbed); r poisoned samples of equal norm: radius / sqrt(r) each",
+    "rab": "l2 norm of the joint perturbation of the test input and the whole training set, "
+           "sqrt(||delta_x||_2^2 + sum_i ||delta_i||_2^2), in [0, 1] pixel units (RAB, Weber et al.)",
+    "dpa": "number of training samples inserted plus deleted, |T (-) U| (Levine & Feizi); a modified sample "
+           "(clean-label poison) is one deletion plus one insertion, so floor(size / 2) modified samples",
+}
+RADIUS_XLABEL = {"smoothing": "radius (l2 over the whole training set)",
+                 "rab": "radius (l2 over the test input and the whole training set)"}
+DPA_XLABEL = "modified training samples (clean-label poisons)"
+DPA_TOP_XLABEL = "training samples inserted + deleted, |T (-) U|"
+DPA_CURVE_HEADER = ["certified_modified_samples", "certified_insertions_deletions", "certified_accuracy"]
 
 
 @dataclass
@@ -83,7 +110,7 @@ class TrainingOptions:
         max_epochs: Epochs per model.
         limit_train_batches: At most this many batches per epoch (None: the whole training set).
         models_per_batch: Models trained at once on one device with ``torch.func.vmap`` over stacked
-            weights (smoothing mode; DPA's partitions differ in size and train one at a time). BatchNorm
+            weights (smoothing and RAB modes; DPA's partitions differ in size and train one at a time). BatchNorm
             works: each model's running statistics are its own stacked buffers, so a group gives the same
             votes as training its models one by one.
         accelerator: ``"cpu"``, ``"gpu"``, ``"auto"``, ... (as for Lightning).
@@ -143,8 +170,8 @@ def _check_arguments(data, model, smoothing, mode, num_models, n0, selection, al
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS} ('split': n0 models select, the rest estimate; "
                          f"'all': all m models do both, as the paper); got {selection!r}")
-    _check_int("num_models", num_models, 2 if mode == "smoothing" else 1)
-    if mode == "smoothing":
+    _check_int("num_models", num_models, 2 if mode in SMOOTHED_MODES else 1)
+    if mode in SMOOTHED_MODES:
         _check_int("n0", n0, 1)
         if selection == "split" and n0 >= num_models:
             raise ValueError(f"n0 must be < num_models so that n = m - n0 >= 1 models estimate pA; "
@@ -162,7 +189,7 @@ def _check_arguments(data, model, smoothing, mode, num_models, n0, selection, al
         if linked in model_args:
             raise ValueError(f"model.{linked} comes from the datamodule; remove it from the model arguments")
     wrapper = None
-    if mode == "smoothing":
+    if mode in SMOOTHED_MODES:
         wrapper_cls, wrapper_args, sigma = resolve_smoothing(smoothing if smoothing is not None else DEFAULT_SMOOTHING, sigma)
         wrapper = (wrapper_cls, wrapper_args)
     elif smoothing is not None:
@@ -276,10 +303,19 @@ def run_certification(
     """Trains m models (or DPA's k), collects their votes, and certifies the test points.
 
     Smoothing mode (Hong et al., Pseudocode 2): model i trains on ``smoothing`` applied to ``data`` with
-    draw ``seed=i``. With ``selection="split"`` the first n0 models select c_A and the remaining
-    n = m - n0 estimate pA, as Cohen et al.'s CERTIFY requires. ``selection="all"`` is the paper's
-    variant that uses all m votes for both; it is **not a valid Cohen bound strictly** (the same votes
-    select and estimate) and is offered to reproduce the paper's figures.
+    draw ``seed=i`` and votes on the clean test points. With ``selection="split"`` the first n0 models
+    select c_A and the remaining n = m - n0 estimate pA, as Cohen et al.'s CERTIFY requires.
+    ``selection="all"`` is the paper's variant that uses all m votes for both; it is **not a valid Cohen
+    bound strictly** (the same votes select and estimate) and is offered to reproduce the paper's figures.
+    The radius sigma * Phi^-1(pA) bounds the l2 norm of the whole training set's perturbation.
+
+    RAB mode (Weber et al.): as smoothing mode, and model i votes on each test point t plus its own
+    Gaussian draw sigma * N(0, I), keyed by ``(seed, i, t)``; the certificate is
+    :func:`~lightning_defense.certify.smoothing.certify_rab_batch`, whose radius bounds the l2 norm of the
+    joint perturbation of the test input and the whole training set.
+
+    Both radii assume that the wrapper adds N(0, sigma^2 I) to every training sample, as
+    GaussianNoiseDataModule does (what follows, e.g. diffusion denoising, is part of the learner).
 
     DPA mode (Levine & Feizi): ``num_models`` is the number of partitions k; model i trains on the
     training samples with ``dpa_partition(images, k) == i``; ``smoothing``, n0, selection and alpha are
@@ -298,7 +334,7 @@ def run_certification(
         model: ``ImageClassifier`` arguments without num_classes/in_chans (taken from ``data``).
         smoothing: Wrapper spec ``{class_path, init_args}`` instantiated per model as
             ``cls(base=data, seed=i, **init_args)``; default :data:`DEFAULT_SMOOTHING`.
-        mode: ``"smoothing"`` or ``"dpa"``.
+        mode: ``"smoothing"`` (Hong et al.), ``"rab"`` (Weber et al.) or ``"dpa"`` (Levine & Feizi).
         num_models: m (smoothing) or k partitions (DPA).
         n0: Selection models (smoothing, ``selection="split"``), 1 <= n0 < m.
         selection: ``"split"`` or ``"all"``.
@@ -310,7 +346,8 @@ def run_certification(
         output_dir: Where votes and outputs go; a rerun with the same configuration resumes there.
         seed: Seeds every model's initialisation, shuffling and augmentation (with its index).
         max_models: Train at most this many models in this call, then stop (for budgets and tests).
-        report_radii: Radii (or poisoning sizes, DPA) at which the summary reports certified accuracy.
+        report_radii: Radii (DPA: certified sizes, both in insertions plus deletions and in modified samples)
+            at which the summary reports certified accuracy.
         progress_bar: A tqdm bar over models on rank 0.
         collective_data_setup: Under DDP, whether every rank sets up every model's smoothed training set
             together (needed by wrappers whose setup runs collectives, e.g. DiffusionPurifiedDataModule,
@@ -353,6 +390,7 @@ def run_certification(
         build=lambda i: build_model(model_args, setup.num_classes, setup.in_chans, seed, i),
         test_images=setup.test_images, seed=seed, training=training, batch_size=setup.batch_size,
         progress_bar=progress_bar and collective.rank == 0,
+        test_sigma=sigma if mode == "rab" else None, test_keys=setup.test_indices,
     )
 
     # CERTIFY (or DPA's plurality vote) once every model has voted.
@@ -420,7 +458,7 @@ class _TrainingSets:
         self.data, self.wrapper, self.collective = data, wrapper, collective
         self.partition = dpa_partition(data.train_images, num_models) if mode == "dpa" else None
         self.shared = False
-        if mode == "smoothing" and collective.world_size > 1:
+        if mode in SMOOTHED_MODES and collective.world_size > 1:
             self.shared = (collective_data_setup if collective_data_setup is not None
                            else _setup_is_collective(wrapper[0]))
 
@@ -507,13 +545,15 @@ def _open_vote_store(collective: Collective, output_dir: Path, key: Optional[dic
 
 def _train_sharded(collective: Collective, todo: list[int], models_per_batch: int, store: Optional[VoteStore],
                    training_sets: _TrainingSets, *, build, test_images: Tensor, seed: int, training: TrainingOptions,
-                   batch_size: int, progress_bar: bool) -> list[int]:
+                   batch_size: int, progress_bar: bool, test_sigma: Optional[float] = None,
+                   test_keys: Optional[np.ndarray] = None) -> list[int]:
     """Rounds of ``world * models_per_batch`` models: each rank trains its share, rank 0 stores all.
 
     With ``training_sets.shared`` every rank sets up every model's training set of the round, in the same
     order (a wrapper like DiffusionPurifiedDataModule then shares each draw's purification over the
-    ranks), and reads only its own; otherwise each rank sets up only its own models' sets. Returns the
-    models trained, in order (the same on every rank).
+    ranks), and reads only its own; otherwise each rank sets up only its own models' sets. With
+    ``test_sigma`` (RAB) each model votes on its own noised test inputs, keyed by ``test_keys``. Returns
+    the models trained, in order (the same on every rank).
     """
     world, rank = collective.world_size, collective.rank
     per_round = world * models_per_batch
@@ -528,6 +568,7 @@ def _train_sharded(collective: Collective, todo: list[int], models_per_batch: in
                 [build(i) for i in mine], mine, [training_sets.tensors(sets[i]) for i in mine], test_images,
                 seed=seed, max_epochs=training.max_epochs, batch_size=batch_size,
                 limit_train_batches=training.limit_train_batches, device=collective.device, use_vmap=len(mine) > 1,
+                test_sigma=test_sigma, test_keys=test_keys,
             )
             votes = dict(zip(mine, group.numpy()))
         gathered = collective.gather(votes)
@@ -552,9 +593,9 @@ def _certify_and_write(collective: Collective, store: Optional[VoteStore], outpu
     if collective.rank == 0 and len(store.done(num_models)) == num_models:
         votes = store.load(list(range(num_models)))
         labels = data.test_labels.numpy()
-        if mode == "smoothing":
-            summary, files = _smoothing_outputs(output_dir, votes, labels, data.test_indices, data.num_classes, n0,
-                                                selection, alpha, sigma, report_radii)
+        if mode in SMOOTHED_MODES:
+            summary, files = _smoothing_outputs(output_dir, mode, votes, labels, data.test_indices, data.num_classes,
+                                                n0, selection, alpha, sigma, report_radii)
         else:
             summary, files = _dpa_outputs(output_dir, votes, labels, data.test_indices, data.num_classes, partition,
                                           report_radii)
@@ -581,39 +622,47 @@ def _write_summary(output_dir: Path, summary: dict) -> Path:
     return atomic_write(output_dir / SUMMARY_JSON, json.dumps(canonical(summary), indent=2))
 
 
-def _curve(output_dir: Path, grid: np.ndarray, accuracy: np.ndarray, xname: str, label: str, xlabel: str,
-           title: str, plot_grid: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict:
-    csv_path = _write_csv(output_dir / CURVE_CSV, [xname, "certified_accuracy"],
-                          ((float(r), float(a)) for r, a in zip(grid, accuracy)))
-    png = plot_certified_accuracy({label: plot_grid or (grid, accuracy)}, output_dir / CURVE_PNG, title=title,
-                                  xlabel=xlabel)
+def _curve(output_dir: Path, header: Sequence[str], rows, curves: dict, title: str, **plot) -> dict:
+    csv_path = _write_csv(output_dir / CURVE_CSV, header, rows)
+    png = plot_certified_accuracy(curves, output_dir / CURVE_PNG, title=title, **plot)
     return {"curve_csv": csv_path, "curve_png": png}
 
 
-def _smoothing_outputs(output_dir, votes, labels, indices, num_classes, n0, selection, alpha, sigma, report_radii):
+def _smoothing_outputs(output_dir, mode, votes, labels, indices, num_classes, n0, selection, alpha, sigma,
+                       report_radii):
+    """CERTIFY (Hong et al.'s smoothing) or RAB's certificate from the votes, and the output files."""
     m = votes.shape[0]
     if selection == "split":
         counts0, counts = _vote_counts(votes[:n0], num_classes), _vote_counts(votes[n0:], num_classes)
     else:
         counts0 = counts = _vote_counts(votes, num_classes)
     n = int(counts[0].sum())
-    cert = certify_batch(counts0, counts, sigma, alpha)
+    certify_fn = certify_rab_batch if mode == "rab" else certify_batch
+    cert = certify_fn(counts0, counts, sigma, alpha)
+    unanimous = np.zeros((1, num_classes), dtype=np.int64)
+    unanimous[0, 0] = n
+    max_radius = float(certify_fn(unanimous, unanimous, sigma, alpha).radius[0])  # all n votes agree
     correct = cert.prediction == labels
+    bounds = [("pA", cert.p_a)] + ([("pB", cert.p_b)] if mode == "rab" else [])
     files = {"certificates": _write_csv(
-        output_dir / CERTIFICATES_CSV, ["index", "label", "prediction", "pA", "radius", "correct"],
-        zip(indices.tolist(), labels.tolist(), cert.prediction.tolist(), cert.p_a.tolist(), cert.radius.tolist(),
-            correct.astype(int).tolist()),
+        output_dir / CERTIFICATES_CSV,
+        ["index", "label", "prediction", *(name for name, _ in bounds), "radius", "correct"],
+        zip(indices.tolist(), labels.tolist(), cert.prediction.tolist(), *(b.tolist() for _, b in bounds),
+            cert.radius.tolist(), correct.astype(int).tolist()),
     )}
-    max_radius = sigma * max(float(norm.ppf(alpha ** (1.0 / n))), 0.0)  # pA when all n votes agree
     top = max(max_radius, float(cert.radius.max()), max(report_radii, default=0.0)) * 1.05 or sigma
     grid = np.unique(np.concatenate([np.linspace(0.0, top, 201), np.asarray(report_radii, dtype=float)]))
-    files.update(_curve(output_dir, grid, certified_accuracy(cert.radius, correct, grid), "radius",
-                        f"sigma={sigma:g}", "radius (l2, whole training set)",
-                        f"m={m}, n0={n0 if selection == 'split' else m}, n={n}, alpha={alpha:g}"))
+    accuracy = certified_accuracy(cert.radius, correct, grid)
+    name = "RAB" if mode == "rab" else "Hong et al."
+    files.update(_curve(output_dir, ["radius", "certified_accuracy"],
+                        ((float(r), float(a)) for r, a in zip(grid, accuracy)), {f"sigma={sigma:g}": (grid, accuracy)},
+                        f"{name}: m={m}, n0={n0 if selection == 'split' else m}, n={n}, alpha={alpha:g}",
+                        xlabel=RADIUS_XLABEL[mode]))
     majority = _vote_counts(votes, num_classes).argmax(axis=1)
     summary = {
-        "mode": "smoothing", "sigma": sigma, "num_models": m, "n0": n0 if selection == "split" else m, "n": n,
-        "selection": selection, "alpha": alpha, "num_test_points": len(labels),
+        "mode": mode, "certifies": CERTIFIES[mode], "sigma": sigma, "num_models": m,
+        "n0": n0 if selection == "split" else m, "n": n, "selection": selection, "alpha": alpha,
+        "num_test_points": len(labels),
         "certified_accuracy": {f"{r:g}": float(certified_accuracy(cert.radius, correct, [r])[0]) for r in report_radii},
         "abstain_rate": float(np.mean(cert.prediction == ABSTAIN)),
         "smoothed_accuracy": float(np.mean(majority == labels)),
@@ -625,25 +674,34 @@ def _smoothing_outputs(output_dir, votes, labels, indices, num_classes, n0, sele
 
 
 def _dpa_outputs(output_dir, votes, labels, indices, num_classes, partition, report_radii):
+    """DPA's plurality vote and certificate, in insertions plus deletions and in modified samples."""
     k = votes.shape[0]
     prediction, size = dpa_certificate_batch(torch.from_numpy(votes.T.copy()), num_classes)
+    modified = certified_modified_samples(size).numpy()
     prediction, size = prediction.numpy(), size.numpy()
     correct = prediction == labels
     files = {"certificates": _write_csv(
-        output_dir / CERTIFICATES_CSV, ["index", "label", "prediction", "certified_size", "correct"],
-        zip(indices.tolist(), labels.tolist(), prediction.tolist(), size.tolist(), correct.astype(int).tolist()),
+        output_dir / CERTIFICATES_CSV,
+        ["index", "label", "prediction", "certified_insertions_deletions", "certified_modified_samples", "correct"],
+        zip(indices.tolist(), labels.tolist(), prediction.tolist(), size.tolist(), modified.tolist(),
+            correct.astype(int).tolist()),
     )}
-    grid = np.arange(0, int(size.max()) + 2)
-    fine = np.linspace(0.0, float(grid[-1]), 401)  # the certificate is a step function of the poisoning size
-    files.update(_curve(output_dir, grid, certified_accuracy(size, correct, grid), "poisoned_samples",
-                        f"DPA k={k}", DPA_XLABEL, f"DPA, k={k} partitions",
-                        plot_grid=(fine, certified_accuracy(size, correct, np.floor(fine)))))
+    # Certified accuracy at r modified samples is certified accuracy at 2r insertions plus deletions.
+    grid = np.arange(0, int(modified.max()) + 2)
+    accuracy = certified_accuracy(modified, correct, grid)
+    files.update(_curve(output_dir, DPA_CURVE_HEADER, ((int(r), 2 * int(r), float(a)) for r, a in zip(grid, accuracy)),
+                        {f"DPA k={k}": (grid, accuracy)}, f"DPA, k={k} partitions", xlabel=DPA_XLABEL, steps=True,
+                        secondary_xaxis=(DPA_TOP_XLABEL, 2.0)))
     sizes = np.bincount(partition.numpy(), minlength=k)
     summary = {
-        "mode": "dpa", "num_partitions": k, "num_test_points": len(labels),
+        "mode": "dpa", "certifies": CERTIFIES["dpa"], "num_partitions": k, "num_test_points": len(labels),
         "partition_sizes": {"min": int(sizes.min()), "max": int(sizes.max())},
-        "certified_accuracy": {f"{int(s)}": float(np.mean(correct & (size >= s))) for s in report_radii},
-        "median_certified_size": median_certified_size(size, correct),
+        "certified_accuracy_insertions_deletions": {f"{int(s)}": float(np.mean(correct & (size >= s)))
+                                                    for s in report_radii},
+        "certified_accuracy_modified_samples": {f"{int(s)}": float(np.mean(correct & (modified >= s)))
+                                                for s in report_radii},
+        "median_certified_insertions_deletions": median_certified_size(size, correct),
+        "median_certified_modified_samples": median_certified_size(modified, correct),
         "smoothed_accuracy": float(np.mean(correct)),
         "mean_model_accuracy": float(np.mean(votes == labels[None, :])),
     }
@@ -655,20 +713,24 @@ def plot_runs(run_dirs: Sequence[Union[str, os.PathLike]], path: Union[str, os.P
               labels: Optional[Sequence[str]] = None, title: Optional[str] = None) -> Path:
     """One certified-accuracy plot of several runs (e.g. a sigma grid), as Hong et al.'s Figure 1.
 
+    Runs of the smoothing and RAB modes (l2 radii) plot together; DPA runs (modified samples, with
+    insertions plus deletions on the top axis) plot only with DPA runs.
+
     Args:
         run_dirs: Output directories of :func:`run_certification`.
         path: The PNG to write.
-        labels: One label per run (default: each run's sigma, or its directory name).
+        labels: One label per run (default: each run's sigma or k, or its directory name).
         title: Optional title.
 
     Raises:
-        ValueError: If a directory holds no ``certified_accuracy.csv`` or labels do not match.
+        ValueError: If a directory holds no ``certified_accuracy.csv`` (or one of an older layout), labels do
+            not match, or DPA runs are mixed with radius runs.
     """
     if not run_dirs:
         raise ValueError("run_dirs must name at least one certification output directory")
     if labels is not None and len(labels) != len(run_dirs):
         raise ValueError(f"labels must give one label per run directory: {len(labels)} labels, {len(run_dirs)} dirs")
-    curves, xlabel = {}, "radius (l2, whole training set)"
+    curves, kinds = {}, {}
     for n, run in enumerate(run_dirs):
         run = Path(run)
         curve = run / CURVE_CSV
@@ -678,9 +740,31 @@ def plot_runs(run_dirs: Sequence[Union[str, os.PathLike]], path: Union[str, os.P
             rows = list(csv.reader(f))
         header, values = rows[0], np.asarray(rows[1:], dtype=float)
         summary = json.loads((run / SUMMARY_JSON).read_text()) if (run / SUMMARY_JSON).exists() else {}
-        if header[0] == "poisoned_samples":
-            xlabel = DPA_XLABEL
-        label = labels[n] if labels is not None else (
-            f"sigma={summary['sigma']:g}" if "sigma" in summary else run.name)
-        curves[label] = (values[:, 0], values[:, 1])
+        if header == DPA_CURVE_HEADER:
+            kinds[run] = "dpa"
+        elif header == ["radius", "certified_accuracy"]:
+            kinds[run] = summary.get("mode", "smoothing")
+        else:
+            raise ValueError(
+                f"{curve} has columns {header}, not those of this version ({DPA_CURVE_HEADER} for DPA, "
+                "['radius', 'certified_accuracy'] otherwise); rerun `lightning-defense certify` with that run's "
+                "config and output_dir to rewrite its outputs (the stored votes are reused, nothing is retrained)")
+        if labels is not None:
+            label = labels[n]
+        elif "sigma" in summary:
+            label = f"{'RAB ' if kinds[run] == 'rab' else ''}sigma={summary['sigma']:g}"
+        elif "num_partitions" in summary:
+            label = f"DPA k={summary['num_partitions']}"
+        else:
+            label = run.name
+        curves[label] = (values[:, 0], values[:, -1])
+    found = set(kinds.values())
+    if "dpa" in found:
+        if found != {"dpa"}:
+            raise ValueError("DPA runs (certified modified samples) and radius runs (l2) cannot share an x-axis; got "
+                             + ", ".join(f"{run} ({kind})" for run, kind in kinds.items()))
+        return plot_certified_accuracy(curves, path, title=title, xlabel=DPA_XLABEL, steps=True,
+                                       secondary_xaxis=(DPA_TOP_XLABEL, 2.0))
+    xlabel = RADIUS_XLABEL[found.pop()] if len(found) == 1 else (
+        "radius (l2 over the whole training set; RAB runs: also over the test input)")
     return plot_certified_accuracy(curves, path, title=title, xlabel=xlabel)

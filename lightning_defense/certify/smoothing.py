@@ -5,6 +5,14 @@ Follows Cohen et al. (2019), PREDICT and CERTIFY, as Hong, Carlini and Kurakin a
 copy of the training set, and each model's prediction on a test point is one vote. The vote
 counts per class are the inputs here; training the models is done elsewhere.
 
+Two certificates:
+
+- :func:`certify` (Hong et al.'s setting, test-time noise X = 0): radius sigma * Phi^-1(pA) on the
+  l2 norm of the whole training set's perturbation, sqrt(sum_i ||delta_i||_2^2).
+- :func:`certify_rab` (RAB, Weber et al.): each model also classifies the test input with its own
+  Gaussian noise, and the radius sigma / 2 * (Phi^-1(pA) - Phi^-1(pB)) bounds the l2 norm of the
+  joint perturbation of the test input and the training set, sqrt(||delta_x||_2^2 + sum_i ||delta_i||_2^2).
+
 Symbols follow the papers: ``n0`` votes select the class, ``n`` fresh votes estimate its
 probability, ``alpha`` is the failure probability, ``pA`` the lower confidence bound on the top
 class probability and ``sigma`` the smoothing noise level.
@@ -27,15 +35,20 @@ __all__ = [
     "ABSTAIN",
     "Certificate",
     "CertificateBatch",
+    "RabCertificate",
+    "RabCertificateBatch",
     "certified_accuracy",
     "certify",
     "certify_batch",
+    "certify_rab",
+    "certify_rab_batch",
     "linf_to_l2",
     "lower_confidence_bound",
     "per_sample_radius",
     "plot_certified_accuracy",
     "predict",
     "two_class_radius",
+    "upper_confidence_bound",
 ]
 
 ABSTAIN = -1
@@ -61,6 +74,32 @@ class CertificateBatch(NamedTuple):
 
     prediction: np.ndarray
     p_a: np.ndarray
+    radius: np.ndarray
+
+
+class RabCertificate(NamedTuple):
+    """Result of :func:`certify_rab` for one test point.
+
+    Attributes:
+        prediction: Certified class, or ``ABSTAIN`` (-1).
+        p_a: Lower confidence bound pA on the top class probability.
+        p_b: Upper confidence bound pB on every other class's probability.
+        radius: Certified l2 radius ``sigma / 2 * (Phi^-1(pA) - Phi^-1(pB))`` over the test input and the
+            training set jointly; 0.0 on abstain.
+    """
+
+    prediction: int
+    p_a: float
+    p_b: float
+    radius: float
+
+
+class RabCertificateBatch(NamedTuple):
+    """Result of :func:`certify_rab_batch`: one entry per test point, each array shaped (T,)."""
+
+    prediction: np.ndarray
+    p_a: np.ndarray
+    p_b: np.ndarray
     radius: np.ndarray
 
 
@@ -130,6 +169,14 @@ def _clopper_pearson_lower(k: np.ndarray, n: np.ndarray, alpha: float) -> np.nda
     return np.where(k > 0, beta.ppf(alpha, safe_k, n - k + 1.0), 0.0)
 
 
+def _clopper_pearson_upper(k: np.ndarray, n: np.ndarray, alpha: float) -> np.ndarray:
+    """Vectorised one-sided (1 - alpha) Clopper-Pearson upper bound; 1 where k == n."""
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    safe_rest = np.where(k < n, n - k, 1.0)  # beta.ppf(1 - alpha, a, 0) is undefined; the bound for k == n is 1
+    return np.where(k < n, beta.ppf(1.0 - alpha, k + 1.0, safe_rest), 1.0)
+
+
 def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
     """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion.
 
@@ -154,6 +201,30 @@ def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
     if int(k) != k or not 0 <= k <= n:
         raise ValueError(f"k must be an integer in [0, n] = [0, {n}], got {k!r}")
     return float(_clopper_pearson_lower(k, n, alpha))
+
+
+def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson upper bound on a binomial proportion.
+
+    The 1 - alpha quantile of Beta(k + 1, n - k); equals 1 - :func:`lower_confidence_bound` (n - k, n, alpha).
+
+    Args:
+        k: Number of votes for the class (0 <= k <= n).
+        n: Total number of votes, n >= 1.
+        alpha: Failure probability, in (0, 1).
+
+    Returns:
+        The upper bound; 1.0 when k == n.
+
+    Raises:
+        ValueError: If alpha is not in (0, 1), n < 1, or k is outside [0, n].
+    """
+    _check_alpha(alpha)
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be an integer >= 1 (number of votes), got {n!r}")
+    if int(k) != k or not 0 <= k <= n:
+        raise ValueError(f"k must be an integer in [0, n] = [0, {n}], got {k!r}")
+    return float(_clopper_pearson_upper(k, n, alpha))
 
 
 # --------------------------------------------------------------------------- PREDICT / CERTIFY
@@ -217,6 +288,82 @@ def certify_batch(counts0: Any, counts: Any, sigma: float, alpha: float) -> Cert
     return CertificateBatch(prediction, p_a, radius)
 
 
+def certify_rab(counts0: Any, counts: Any, sigma: float, alpha: float) -> RabCertificate:
+    """RAB's certificate (Weber et al., Theorem 1 and its Gaussian corollary) for one test point.
+
+    Each vote comes from a model trained on the training set plus its own Gaussian draw
+    D ~ N(0, sigma^2 I) per sample, classifying the test input plus its own draw X ~ N(0, sigma^2 I).
+    The class c_A is the top class of ``counts0`` (ties go to the smaller index). From the
+    estimation votes ``counts``, pA lower-bounds c_A's probability and pB upper-bounds every other
+    class's, as simultaneous Clopper-Pearson bounds: with K classes, K bounds at level alpha / K each
+    (Bonferroni; for K = 2 the runner-up's bound is 1 - pA, so one bound at level alpha), and
+    pB = min(1 - pA, max_{c != c_A} upper_c). If pA > pB the prediction c_A is certified for every
+    joint perturbation of the test input (delta_x) and the training samples (delta_i) with
+
+        sqrt(||delta_x||_2^2 + sum_i ||delta_i||_2^2) < sigma / 2 * (Phi^-1(pA) - Phi^-1(pB));
+
+    otherwise the smoothed classifier abstains. With delta_x = 0 (clean-label poisoning) this is a bound
+    on the whole training set's perturbation, as in Hong et al.'s Corollary 3.4.
+
+    Args:
+        counts0: Selection votes per class, shape (K,), K >= 2, numpy or torch.
+        counts: Estimation votes per class, shape (K,), drawn independently of ``counts0``.
+        sigma: Noise level sigma > 0 of both the training-set and the test-input noise.
+        alpha: Failure probability of all bounds together, in (0, 1).
+
+    Returns:
+        ``RabCertificate(prediction, p_a, p_b, radius)``; prediction -1 and radius 0.0 on abstain.
+
+    Raises:
+        ValueError: On a bad alpha or sigma, fewer than 2 classes, or malformed counts.
+    """
+    counts0 = _check_counts(counts0, "counts0", ndim=1)
+    counts = _check_counts(counts, "counts", ndim=1)
+    _check_same_classes(counts0, counts)
+    batch = certify_rab_batch(counts0[None], counts[None], sigma, alpha)
+    return RabCertificate(int(batch.prediction[0]), float(batch.p_a[0]), float(batch.p_b[0]),
+                          float(batch.radius[0]))
+
+
+def certify_rab_batch(counts0: Any, counts: Any, sigma: float, alpha: float) -> RabCertificateBatch:
+    """Vectorised :func:`certify_rab` over T test points.
+
+    Args:
+        counts0: Selection votes, shape (T, K), K >= 2.
+        counts: Estimation votes, shape (T, K).
+        sigma: Noise level sigma > 0.
+        alpha: Failure probability, in (0, 1).
+
+    Returns:
+        ``RabCertificateBatch(prediction, p_a, p_b, radius)``, arrays of shape (T,).
+
+    Raises:
+        ValueError: On a bad alpha or sigma, fewer than 2 classes, or malformed counts.
+    """
+    _check_alpha(alpha)
+    _check_sigma(sigma)
+    counts0 = _check_counts(counts0, "counts0", ndim=2)
+    counts = _check_counts(counts, "counts", ndim=2)
+    _check_same_classes(counts0, counts)
+    num_classes = counts.shape[1]
+    if num_classes < 2:
+        raise ValueError(f"RAB's certificate needs K >= 2 classes (pB bounds the runner-up), got K = {num_classes}")
+
+    level = alpha if num_classes == 2 else alpha / num_classes  # Bonferroni over the bounds used
+    c_hat = np.argmax(counts0, axis=1)  # first maximum: ties go to the smaller index
+    n = counts.sum(axis=1)
+    n_a = np.take_along_axis(counts, c_hat[:, None], axis=1)[:, 0]
+    p_a = _clopper_pearson_lower(n_a, n, level)
+    upper = _clopper_pearson_upper(counts, n[:, None], level)
+    np.put_along_axis(upper, c_hat[:, None], -np.inf, axis=1)
+    p_b = np.minimum(1.0 - p_a, upper.max(axis=1))
+    certified = p_a > p_b
+    prediction = np.where(certified, c_hat, ABSTAIN).astype(np.int64)
+    gap = norm.ppf(np.where(certified, p_a, 0.5)) - norm.ppf(np.where(certified, p_b, 0.5))
+    radius = np.where(certified, sigma / 2.0 * gap, 0.0)
+    return RabCertificateBatch(prediction, p_a, p_b, radius)
+
+
 def predict(counts: Any, alpha: float) -> int:
     """PREDICT of Cohen et al. (2019) as in Hong et al. (Pseudocode 2, lines 1-6).
 
@@ -253,7 +400,9 @@ def two_class_radius(p_a: float, p_b: float, sigma: float) -> float | np.ndarray
 
     Corollary 3.4 of Hong et al. (Weber et al., RAB): the bound on the total training-set
     perturbation sqrt(sum_i ||delta_i||_2^2), given pA lower-bounding the top class probability
-    and pB upper-bounding the runner-up. A non-positive value certifies nothing.
+    and pB upper-bounding the runner-up (with RAB's test-time noise as well, the bound on the joint
+    perturbation of the test input and the training set; see :func:`certify_rab`). A non-positive
+    value certifies nothing.
 
     Args:
         p_a: Lower bound pA, in [0, 1] (scalar or array).
@@ -278,8 +427,9 @@ def per_sample_radius(radius: float, r: int) -> float | np.ndarray:
     """Per-sample l2 bound radius / sqrt(r) when r training samples are poisoned.
 
     Hong et al. (Sec. 3, after Corollary 3.4): if each of r poisoned samples moves by at most
-    ||delta||_2, the total is sqrt(r) * ||delta||_2, so ||delta||_2 < radius / sqrt(r). With
-    all m votes agreeing and r = m this is sigma / sqrt(m) * Phi^-1(pA).
+    ||delta||_2, the total is sqrt(r) * ||delta||_2, so ||delta||_2 < radius / sqrt(r). With all
+    m models' votes agreeing (pA = alpha ** (1 / m)) this is sigma * Phi^-1(alpha ** (1 / m)) / sqrt(r):
+    m, the number of models, sets pA; r, the number of poisoned samples, divides the radius.
 
     Args:
         radius: Total-perturbation radius from :func:`certify` or :func:`two_class_radius`.
@@ -357,8 +507,10 @@ def plot_certified_accuracy(
     path: str | os.PathLike[str],
     title: str | None = None,
     xlabel: str = "radius (l2)",
+    steps: bool = False,
+    secondary_xaxis: tuple[str, float] | None = None,
 ) -> Path:
-    """Plots certified accuracy against l2 radius, one line per curve (Hong et al., Fig. 1).
+    """Plots certified accuracy against the certified size, one line per curve (Hong et al., Fig. 1).
 
     Uses matplotlib's Agg canvas directly, so no display or global backend switch is needed.
 
@@ -366,7 +518,12 @@ def plot_certified_accuracy(
         curves: Label -> (grid, accuracy), e.g. from :func:`certified_accuracy`.
         path: Output PNG file.
         title: Optional axes title.
-        xlabel: The x-axis label (e.g. "poisoned samples" for DPA certificates).
+        xlabel: The x-axis label, naming the certificate's norm and unit.
+        steps: Draw each curve as a step function (constant from each grid point to the next) with integer
+            ticks, for integer certificates such as DPA's.
+        secondary_xaxis: ``(label, scale)``: a second x-axis on top showing ``scale * x`` (e.g. DPA's
+            insertions plus deletions, twice the modified samples of the bottom axis). With ``steps`` its
+            ticks fall only on images of integer bottom values, where the curve holds for both units.
 
     Returns:
         The path written.
@@ -374,8 +531,14 @@ def plot_certified_accuracy(
     Raises:
         ValueError: If curves is empty or a curve's grid and accuracy differ in length.
     """
+    fig = _certified_accuracy_figure(curves, title, xlabel, steps, secondary_xaxis)
+    return atomic_write(path, lambda handle: fig.savefig(handle, format="png"))
+
+
+def _certified_accuracy_figure(curves, title, xlabel, steps, secondary_xaxis):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     if not curves:
         raise ValueError("curves must contain at least one label -> (grid, accuracy), got {}")
@@ -390,8 +553,17 @@ def plot_certified_accuracy(
                 f"curves[{label!r}] must have grid and accuracy of equal length, "
                 f"got {grid.size} and {accuracy.size}"
             )
-        ax.plot(grid, accuracy, label=str(label))
+        ax.plot(grid, accuracy, label=str(label), drawstyle="steps-post" if steps else "default")
     ax.set_xlabel(xlabel)
+    if steps:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if secondary_xaxis is not None:
+        top_label, scale = secondary_xaxis
+        top = ax.secondary_xaxis("top", functions=(lambda x: x * scale, lambda x: x / scale))
+        top.set_xlabel(top_label)
+        if steps:  # top ticks only where the bottom ticks are (integers), where both readings are exact
+            lo, hi = ax.get_xlim()
+            top.set_xticks([scale * t for t in ax.get_xticks() if lo <= t <= hi])
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0.0, 1.0)
     if title is not None:
@@ -399,4 +571,4 @@ def plot_certified_accuracy(
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return atomic_write(path, lambda handle: fig.savefig(handle, format="png"))
+    return fig

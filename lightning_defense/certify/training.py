@@ -12,6 +12,11 @@ calling the shared architecture through ``vmap(functional_call)``. BatchNorm wor
 model's running statistics are stacked buffers that ``vmap`` updates in place per model, so a group
 computes, up to floating-point rounding, the same updates as training the models one by one. SGD is
 elementwise per parameter, so one ``torch.optim.SGD`` over the stacked tensors is the per-model SGD.
+
+For RAB (Weber et al.) each model also votes on noised test inputs: model ``i`` sees test point ``t``
+(its index in the test split) as ``x_t + sigma * N(0, I)``, the normal draw keyed by
+``(seed, i, TEST_NOISE)`` and ``t`` through :func:`~lightning_defense.core.rng.per_sample_normal`, so
+its votes do not depend on the group, the rank, or which other test points are certified.
 """
 
 from __future__ import annotations
@@ -29,13 +34,13 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from lightning_defense.models.augment import random_crop_flip
 from lightning_defense.core.recipe import sgd_with_steps
-from lightning_defense.core.rng import generator, seed_for
+from lightning_defense.core.rng import generator, per_sample_normal, seed_for
 from lightning_defense.models.classifier import ImageClassifier
 
-__all__ = ["build_model", "train_and_vote"]
+__all__ = ["build_model", "rab_test_noise", "train_and_vote"]
 
 # Independent random streams of one model, keyed by (seed, model index, stream).
-INIT, SHUFFLE, AUGMENT = 0, 1, 2
+INIT, SHUFFLE, AUGMENT, TEST_NOISE = 0, 1, 2, 3
 
 
 def build_model(model_args: dict, num_classes: int, in_chans: int, seed: int, index: int) -> ImageClassifier:
@@ -43,6 +48,11 @@ def build_model(model_args: dict, num_classes: int, in_chans: int, seed: int, in
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_for(seed, index, INIT))
         return ImageClassifier(**model_args, num_classes=num_classes, in_chans=in_chans)
+
+
+def rab_test_noise(seed: int, index: int, test_keys: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Model ``index``'s standard normal test-time noise (RAB) for the test points ``test_keys``, (T, *shape)."""
+    return per_sample_normal(seed_for(seed, index, TEST_NOISE), torch.as_tensor(test_keys), tuple(shape))
 
 
 def train_and_vote(
@@ -58,6 +68,8 @@ def train_and_vote(
     device: torch.device,
     use_vmap: bool,
     eval_batch_size: int = 1024,
+    test_sigma: Optional[float] = None,
+    test_keys: Optional[Sequence[int]] = None,
 ) -> Tensor:
     """Trains a group of models on their training sets and returns their votes on ``test_images``.
 
@@ -73,11 +85,21 @@ def train_and_vote(
         device: Where to train.
         use_vmap: Train the group at once with ``vmap``; every training set must have the same size.
         eval_batch_size: Test points per forward pass.
+        test_sigma: RAB's test-time noise: each model votes on ``x + test_sigma * rab_test_noise(seed, i,
+            test_keys, ...)`` (not clipped, as RAB's certificate assumes). None: on the test points as they are.
+        test_keys: With ``test_sigma``: each test point's index in the test split, shape (T,).
 
     Returns:
         LongTensor (G, T): each model's argmax prediction on each test point, on the CPU.
     """
     group = len(models)
+    if test_sigma is not None:
+        if not test_sigma > 0:
+            raise ValueError(f"test_sigma must be > 0 (test-time noise std in [0,1] pixel units); got {test_sigma}")
+        if test_keys is None or len(test_keys) != len(test_images):
+            raise ValueError("test_sigma needs test_keys: one test-split index per test point, "
+                             f"{len(test_images)} here; got {None if test_keys is None else len(test_keys)}")
+        test_keys = torch.as_tensor(np.asarray(test_keys), dtype=torch.long)
     if not use_vmap and group != 1:
         raise ValueError(f"without vmap, train one model at a time; got {group} models")
     sizes = {len(images) for images, _ in train_data}
@@ -128,12 +150,17 @@ def train_and_vote(
     votes = []
     with torch.no_grad():
         for start in range(0, len(test_images), eval_batch_size):
-            x = test_images[start : start + eval_batch_size].to(device)
+            x = test_images[start : start + eval_batch_size]
+            if test_sigma is not None:  # (G, B, C, H, W): each model's own noised copy
+                keys = test_keys[start : start + eval_batch_size]
+                x = torch.stack([x + test_sigma * rab_test_noise(seed, i, keys, tuple(x.shape[1:])).to(x.dtype)
+                                 for i in indices])
+            x = x.to(device)
             if use_vmap:
                 template.eval()
-                logits = vmap(call, in_dims=(0, 0, None))(params, buffers, x)
+                logits = vmap(call, in_dims=(0, 0, 0 if test_sigma is not None else None))(params, buffers, x)
             else:
                 models[0].eval()
-                logits = models[0](x)[None]
+                logits = models[0](x[0] if test_sigma is not None else x)[None]
             votes.append(logits.argmax(dim=-1).cpu())
     return torch.cat(votes, dim=1)

@@ -31,7 +31,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML config (see configs/*/certify.yaml).")
     parser.add_argument("--seed", type=int, default=0, help="Seeds every model (with its index).")
     parser.add_argument("--output_dir", type=str, default="runs/certify", help="Votes and outputs; a rerun resumes.")
-    parser.add_argument("--mode", type=str, default="smoothing", help="'smoothing' (m noised sets) or 'dpa' (k partitions).")
+    parser.add_argument("--mode", type=str, default="smoothing",
+                        help="'smoothing' (Hong et al.: m smoothed training sets, clean test inputs), 'rab' (Weber et al.: "
+                             "also per-model test-time noise) or 'dpa' (Levine & Feizi: k partitions).")
     parser.add_argument("--num_models", type=int, default=32, help="m models (smoothing) or k partitions (dpa).")
     parser.add_argument("--n0", type=int, default=8, help="Selection models; the other m - n0 estimate pA.")
     parser.add_argument("--selection", type=str, default="split",
@@ -46,7 +48,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--test_indices", type=Optional[list[int]], default=None, help="Or exactly these test indices.")
     parser.add_argument("--max_models", type=Optional[int], default=None, help="Stop after training this many models.")
     parser.add_argument("--report_radii", type=list[float], default=[0.0, 0.1, 0.25, 0.5, 1.0],
-                        help="Radii (DPA: poisoned samples) reported in the summary.")
+                        help="Radii (DPA: certified sizes, in insertions+deletions and in modified samples) "
+                             "reported in the summary.")
     parser.add_argument("--progress_bar", type=bool, default=True)
     parser.add_argument("--collective_data_setup", type=Optional[bool], default=None,
                         help="Under DDP, all ranks set up every model's smoothed data together (diffusion purification).")
@@ -54,6 +57,7 @@ def build_parser() -> ArgumentParser:
     parser.add_subclass_arguments(
         L.LightningDataModule, "smoothing", required=False, instantiate=False, skip={"base", "seed"},
         help="Smoothing wrapper (class_path/init_args), built per model as cls(base=data, seed=i, **init_args); "
+             "default GaussianNoiseDataModule (Gaussian-only, Hong et al.; RAB's training noise in rab mode); "
              "null in dpa mode.")
     parser.set_defaults(smoothing=DEFAULT_SMOOTHING)
     parser.add_class_arguments(ImageClassifier, "model", skip={"num_classes", "in_chans"})
@@ -64,9 +68,11 @@ def build_parser() -> ArgumentParser:
 def _print_summary(result, label: str = "") -> None:
     s = result.summary
     head = f"certify{label}: "
-    if s["mode"] == "smoothing":
-        print(f"{head}sigma={s['sigma']:g}, m={s['num_models']} (n0={s['n0']}, n={s['n']}, {s['selection']}), "
+    if s["mode"] in ("smoothing", "rab"):
+        name = "RAB, " if s["mode"] == "rab" else ""
+        print(f"{head}{name}sigma={s['sigma']:g}, m={s['num_models']} (n0={s['n0']}, n={s['n']}, {s['selection']}), "
               f"alpha={s['alpha']:g}, {s['num_test_points']} test points")
+        print(f"  certifies: {s['certifies']}")
         print("  certified accuracy at radius " + ", ".join(f"{r}: {a:.3f}" for r, a in s["certified_accuracy"].items()))
         print(f"  abstain rate {s['abstain_rate']:.3f}; smoothed classifier (majority vote) accuracy "
               f"{s['smoothed_accuracy']:.3f}; mean single-model accuracy {s['mean_model_accuracy']:.3f}; "
@@ -74,9 +80,14 @@ def _print_summary(result, label: str = "") -> None:
     else:
         print(f"{head}DPA, k={s['num_partitions']} partitions (sizes {s['partition_sizes']['min']}-"
               f"{s['partition_sizes']['max']}), {s['num_test_points']} test points")
-        print("  certified accuracy at poisoned samples " + ", ".join(f"{r}: {a:.3f}" for r, a in s["certified_accuracy"].items()))
-        print(f"  median certified size {s['median_certified_size']}; ensemble accuracy {s['smoothed_accuracy']:.3f}; "
-              f"mean single-model accuracy {s['mean_model_accuracy']:.3f}")
+        print(f"  certifies: {s['certifies']}")
+        for unit, what in (("insertions_deletions", "training samples inserted + deleted"),
+                           ("modified_samples", "modified training samples")):
+            print(f"  certified accuracy at {what}: "
+                  + ", ".join(f"{r}: {a:.3f}" for r, a in s[f"certified_accuracy_{unit}"].items()))
+        print(f"  median certified size: {s['median_certified_insertions_deletions']} inserted + deleted = "
+              f"{s['median_certified_modified_samples']} modified samples; ensemble accuracy "
+              f"{s['smoothed_accuracy']:.3f}; mean single-model accuracy {s['mean_model_accuracy']:.3f}")
     for name, path in result.files.items():
         print(f"  {name}: {path}")
 
@@ -93,7 +104,7 @@ def run_certify(argv: list[str]) -> None:
         progress_bar=cfg.progress_bar, collective_data_setup=cfg.collective_data_setup,
     )
     smoothing = None
-    if cfg.mode == "smoothing" and cfg.smoothing is not None:
+    if cfg.mode in ("smoothing", "rab") and cfg.smoothing is not None:
         init_args = cfg.smoothing.get("init_args")
         smoothing = {"class_path": cfg.smoothing["class_path"],
                      "init_args": init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_defense.certify import (
+    certified_modified_samples,
     dpa_certificate,
     dpa_certificate_batch,
     dpa_partition,
@@ -79,6 +80,26 @@ def test_certificate_is_exact_vote_flip_distance() -> None:
     np.testing.assert_array_equal(pred.numpy(), preds)
     np.testing.assert_array_equal(size.numpy(), flip_distance - 1)
     assert size.max().item() == 2  # unanimous 5 votes: floor((5 - 1) / 2) for class > 0
+
+
+def test_modified_samples_are_half_the_insertions_and_deletions() -> None:
+    # A modified sample (clean-label poison) deletes one sample and inserts another: up to 2 partitions, so up
+    # to 2 votes change. r modifications are certified iff 2r votes changing cannot flip the plurality, i.e.
+    # 2r < flip distance; the largest such r must be certified_modified_samples(size), not size.
+    k, num_classes = 7, 3
+    all_votes = np.array(list(itertools.product(range(num_classes), repeat=k)))
+    preds = _plurality(all_votes, num_classes)
+    hamming = (all_votes[:, None, :] != all_votes[None, :, :]).sum(axis=-1)
+    flip_distance = np.where(preds[:, None] != preds[None, :], hamming, k + 1).min(axis=1)
+    _, size = dpa_certificate_batch(torch.from_numpy(all_votes), num_classes)
+    largest_r = np.array([max(r for r in range(k + 1) if 2 * r < d) for d in flip_distance])
+    np.testing.assert_array_equal(certified_modified_samples(size).numpy(), largest_r)
+    assert (size.numpy() != largest_r).any()  # the two units differ
+    assert certified_modified_samples(5).item() == 2 and certified_modified_samples(np.array([0, 1])).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="certified_size must be >= 0"):
+        certified_modified_samples(torch.tensor([2, -1]))
+    with pytest.raises(ValueError, match="certified_size must hold integer sizes"):
+        certified_modified_samples(torch.tensor([1.5]))
 
 
 def test_certificate_batch_matches_single() -> None:

@@ -17,10 +17,13 @@ from lightning_defense.certify import (
     build_model,
     dpa_certificate_batch,
     dpa_partition,
+    rab_test_noise,
     run_certification,
     train_and_vote,
 )
+from lightning_defense.certify.training import TEST_NOISE
 from lightning_defense.cli import main
+from lightning_defense.core.rng import per_sample_normal, seed_for
 from lightning_defense.core.store import DIGEST_SUFFIX, CorruptStoreError, file_digest
 from lightning_defense.datamodules import DigitsDataModule, GaussianNoiseDataModule
 
@@ -89,16 +92,23 @@ def test_selection_all_uses_every_model_for_both(tmp_path):
         assert float(row["pA"]) == pytest.approx(beta.ppf(0.001, k, 4 - k + 1))
 
 
-def test_vmap_group_trains_the_same_models_as_one_at_a_time():
+def noised_training_sets(dm, draws, sigma=0.25):
+    data = []
+    for i in draws:
+        wrapper = GaussianNoiseDataModule(dm, sigma=sigma, seed=i)
+        wrapper.setup("fit")
+        data.append(wrapper.train_set.tensors())
+    return data
+
+
+@pytest.mark.parametrize("test_sigma", [None, 0.25], ids=["clean-test-inputs", "rab-test-noise"])
+def test_vmap_group_trains_the_same_models_as_one_at_a_time(test_sigma):
     dm = DigitsDataModule(image_size=8, batch_size=32)
     dm.setup("fit")
     test_images = dm.test_set.tensors()[0][:50]
-    data = []
-    for i in (0, 1):
-        wrapper = GaussianNoiseDataModule(dm, sigma=0.25, seed=i)
-        wrapper.setup("fit")
-        data.append(wrapper.train_set.tensors())
-    kwargs = dict(seed=3, max_epochs=1, batch_size=32, limit_train_batches=4, device=torch.device("cpu"))
+    data = noised_training_sets(dm, (0, 1))
+    kwargs = dict(seed=3, max_epochs=1, batch_size=32, limit_train_batches=4, device=torch.device("cpu"),
+                  test_sigma=test_sigma, test_keys=None if test_sigma is None else np.arange(50))
     together = train_and_vote([build_model(MODEL, 10, 1, 3, i) for i in (0, 1)], [0, 1], data, test_images,
                               use_vmap=True, **kwargs)
     alone = torch.cat([train_and_vote([build_model(MODEL, 10, 1, 3, i)], [i], [data[i]], test_images,
@@ -106,6 +116,95 @@ def test_vmap_group_trains_the_same_models_as_one_at_a_time():
     assert together.shape == (2, 50)
     assert torch.equal(together, alone)
     assert not torch.equal(alone[0], alone[1])  # different draws and seeds give different models
+
+
+def test_rab_test_noise_is_each_models_own_draw_keyed_by_test_index():
+    """RAB: model i votes on x_t + sigma * N(0, I), the draw keyed by (seed, i, TEST_NOISE) and test index t."""
+    dm = DigitsDataModule(image_size=8, batch_size=32)
+    dm.setup("fit")
+    keys = np.array([7, 3, 120, 41, 5, 99, 0, 64])
+    clean = dm.test_set.tensors()[0][keys]
+    data = noised_training_sets(dm, (2, 5))
+    kwargs = dict(seed=3, max_epochs=1, batch_size=32, limit_train_batches=3, device=torch.device("cpu"))
+    build = lambda: [build_model(MODEL, 10, 1, 3, i) for i in (2, 5)]  # noqa: E731
+    rab = train_and_vote(build(), [2, 5], data, clean, use_vmap=True, test_sigma=0.6, test_keys=keys, **kwargs)
+    for row, i in enumerate((2, 5)):
+        noise = per_sample_normal(seed_for(3, i, TEST_NOISE), torch.as_tensor(keys), (1, 8, 8))
+        assert torch.equal(rab_test_noise(3, i, keys, (1, 8, 8)), noise)
+        by_hand = train_and_vote([build_model(MODEL, 10, 1, 3, i)], [i], [data[row]], clean + 0.6 * noise,
+                                 use_vmap=False, **kwargs)
+        assert torch.equal(rab[row], by_hand[0])
+    # a point's noise depends on its test index, not on its position or on the other points certified
+    order = np.array([4, 0, 6])
+    subset = train_and_vote(build(), [2, 5], data, clean[order], use_vmap=True, test_sigma=0.6, test_keys=keys[order],
+                            **kwargs)
+    assert torch.equal(subset, rab[:, order])
+    plain = train_and_vote(build(), [2, 5], data, clean, use_vmap=True, **kwargs)
+    assert not torch.equal(plain, rab)  # the test-time noise is really there
+    with pytest.raises(ValueError, match="test_sigma needs test_keys"):
+        train_and_vote(build(), [2, 5], data, clean, use_vmap=True, test_sigma=0.6, **kwargs)
+
+
+# Enough models that a certificate can be nonzero: n = 18 unanimous votes give pA = 0.01^(1/18) = 0.77.
+# 3 epochs of a width-4 CNN, all 20 models at once with vmap (a few seconds of CPU).
+NONZERO = dict(num_models=20, n0=2, alpha=0.01, num_test_points=60, batch_size=32,
+               model={**MODEL, "lr": 0.1, "milestones": []},
+               training=TrainingOptions(max_epochs=3, accelerator="cpu", models_per_batch=20))
+
+
+def independent_certificate(mode, votes, n0, sigma, alpha, num_classes=10):
+    """Certificate per test point from the stored votes, with scipy's beta/norm quantiles."""
+    rows = []
+    for t in range(votes.shape[1]):
+        c_hat = int(np.argmax(np.bincount(votes[:n0, t], minlength=num_classes)))  # ties: smaller class
+        counts = np.bincount(votes[n0:, t], minlength=num_classes)
+        n = int(counts.sum())
+        if mode == "smoothing":  # Cohen's CERTIFY: one-sided Clopper-Pearson pA, radius sigma * Phi^-1(pA)
+            k = counts[c_hat]
+            p_a = beta.ppf(alpha, k, n - k + 1) if k > 0 else 0.0
+            rows.append((c_hat, p_a, sigma * norm.ppf(p_a)) if p_a >= 0.5 else (-1, p_a, 0.0))
+        else:  # RAB: pA lower and every other class's upper bound at alpha / K; radius sigma/2 (Phi^-1 pA - Phi^-1 pB)
+            level = alpha / num_classes
+            k = counts[c_hat]
+            p_a = beta.ppf(level, k, n - k + 1) if k > 0 else 0.0
+            uppers = [beta.ppf(1 - level, c + 1, n - c) if c < n else 1.0
+                      for j, c in enumerate(counts) if j != c_hat]
+            p_b = min(1 - p_a, max(uppers))
+            rows.append((c_hat, p_a, p_b, sigma / 2 * (norm.ppf(p_a) - norm.ppf(p_b))) if p_a > p_b
+                        else (-1, p_a, p_b, 0.0))
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["smoothing", "rab"])
+def test_loop_certifies_a_nonzero_radius_checked_independently(tmp_path, mode):
+    result = tiny_run(tmp_path, mode=mode, **NONZERO)
+    assert result.complete and result.votes.shape == (20, 60)
+    rows = read_csv(tmp_path / "certificates.csv")
+    expected = independent_certificate(mode, result.votes, n0=2, sigma=0.25, alpha=0.01)
+    assert list(rows[0]) == ["index", "label", "prediction", "pA", *(["pB"] if mode == "rab" else []), "radius",
+                             "correct"]
+    for row, want in zip(rows, expected):
+        assert int(row["prediction"]) == want[0]
+        assert float(row["pA"]) == pytest.approx(want[1], abs=1e-9)
+        if mode == "rab":
+            assert float(row["pB"]) == pytest.approx(want[2], abs=1e-9)
+        assert float(row["radius"]) == pytest.approx(want[-1], abs=1e-9)
+    radii = np.array([float(r["radius"]) for r in rows])
+    correct = np.array([int(r["correct"]) for r in rows], dtype=bool)
+    assert np.any(correct & (radii > 0.05)), "no test point was certified at a nonzero radius"
+    assert result.summary["certified_accuracy"]["0.1"] == pytest.approx(np.mean(correct & (radii >= 0.1)))
+    assert result.summary["mode"] == mode and ("joint perturbation of the test input" in result.summary["certifies"]) == (mode == "rab")
+    unanimous = independent_certificate(mode, np.array([[0]] * 20), n0=2, sigma=0.25, alpha=0.01)[0][-1]
+    assert result.summary["max_certifiable_radius"] == pytest.approx(unanimous)
+    assert radii.max() <= unanimous + 1e-12
+
+
+def test_rab_loop_keys_test_noise_by_test_index(tmp_path):
+    first = tiny_run(tmp_path / "a", mode="rab", num_test_points=12)
+    picked = tiny_run(tmp_path / "b", mode="rab", num_test_points=None, test_indices=[9, 2, 11])
+    assert np.array_equal(picked.votes, first.votes[:, [9, 2, 11]])
+    smoothing = tiny_run(tmp_path / "c", num_test_points=12)  # same models, clean test inputs
+    assert not np.array_equal(smoothing.votes, first.votes)
 
 
 def test_resume_after_interruption_retrains_nothing(tmp_path, monkeypatch):
@@ -198,23 +297,45 @@ def test_damaged_votes_file_is_reported_and_retrained(tmp_path, damage):
     assert (tmp_path / "certificates.csv").read_text() == certificates
 
 
-def test_dpa_end_to_end_on_digits(tmp_path):
-    result = tiny_run(tmp_path, mode="dpa", smoothing=None, num_models=3,
-                      training=TrainingOptions(max_epochs=1, limit_train_batches=2, accelerator="cpu", models_per_batch=2))
-    assert result.complete and result.votes.shape == (3, 30)
+def test_dpa_end_to_end_on_digits(tmp_path, monkeypatch):
+    plots = []
+    real_plot = loop.plot_certified_accuracy
+    monkeypatch.setattr(loop, "plot_certified_accuracy", lambda *a, **kw: plots.append(kw) or real_plot(*a, **kw))
+    result = tiny_run(tmp_path, mode="dpa", smoothing=None, num_models=7, report_radii=[0, 1, 2, 3],
+                      model={**MODEL, "lr": 0.1, "milestones": []},
+                      training=TrainingOptions(max_epochs=4, accelerator="cpu", models_per_batch=2))
+    assert result.complete and result.votes.shape == (7, 30)
     rows = read_csv(tmp_path / "certificates.csv")
-    assert list(rows[0]) == ["index", "label", "prediction", "certified_size", "correct"]
+    assert list(rows[0]) == ["index", "label", "prediction", "certified_insertions_deletions",
+                             "certified_modified_samples", "correct"]
     prediction, size = dpa_certificate_batch(torch.from_numpy(result.votes.T.copy()), 10)
     assert [int(r["prediction"]) for r in rows] == prediction.tolist()
-    assert [int(r["certified_size"]) for r in rows] == size.tolist()
+    assert [int(r["certified_insertions_deletions"]) for r in rows] == size.tolist()
+    # a clean-label poison is one deletion plus one insertion: half the certified size, rounded down
+    assert [int(r["certified_modified_samples"]) for r in rows] == (size // 2).tolist()
+    assert (size > size // 2).any(), "the test needs a certificate that differs between the units"
     dm = DigitsDataModule(image_size=8)
     dm.setup("fit")
-    sizes = torch.bincount(dpa_partition(dm.train_set.tensors()[0], 3), minlength=3)
+    sizes = torch.bincount(dpa_partition(dm.train_set.tensors()[0], 7), minlength=7)
     assert result.summary["partition_sizes"] == {"min": int(sizes.min()), "max": int(sizes.max())}
     correct = np.array([int(r["correct"]) for r in rows], dtype=bool)
     marked = np.sort(np.where(correct, size.numpy(), -1))
-    assert result.summary["median_certified_size"] == marked[len(marked) // 2]
-    assert read_csv(tmp_path / "certified_accuracy.csv")[0].keys() == {"poisoned_samples", "certified_accuracy"}
+    assert result.summary["median_certified_insertions_deletions"] == marked[len(marked) // 2]
+    marked_modified = np.sort(np.where(correct, size.numpy() // 2, -1))
+    assert result.summary["median_certified_modified_samples"] == marked_modified[len(marked) // 2]
+    for s in range(4):
+        assert result.summary["certified_accuracy_insertions_deletions"][str(s)] == np.mean(correct & (size.numpy() >= s))
+        assert result.summary["certified_accuracy_modified_samples"][str(s)] == np.mean(correct & (size.numpy() >= 2 * s))
+    assert "certified_accuracy" not in result.summary and "insertion" in result.summary["certifies"]
+    curve = read_csv(tmp_path / "certified_accuracy.csv")
+    assert list(curve[0]) == ["certified_modified_samples", "certified_insertions_deletions", "certified_accuracy"]
+    for point in curve:
+        r = int(point["certified_modified_samples"])
+        assert int(point["certified_insertions_deletions"]) == 2 * r
+        assert float(point["certified_accuracy"]) == pytest.approx(np.mean(correct & (size.numpy() >= 2 * r)))
+    assert int(curve[-1]["certified_modified_samples"]) == size.max() // 2 + 1
+    assert plots[-1]["xlabel"] == "modified training samples (clean-label poisons)"
+    assert plots[-1]["secondary_xaxis"] == ("training samples inserted + deleted, |T (-) U|", 2.0)
 
 
 @pytest.mark.parametrize(
@@ -272,6 +393,41 @@ def test_cli_sigma_grid_and_certify_plot(tmp_path, capsys):
     assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit, match="holds no certified_accuracy.csv"):
         main(["certify-plot", str(tmp_path), "--output", str(tmp_path / "x.png")])
+
+
+def test_cli_dpa_reports_both_units_and_certify_plot_reads_them(tmp_path, capsys):
+    config = ROOT / "configs" / "digits" / "certify_dpa.yaml"
+    for k in (3, 5):
+        main(["certify", "--config", str(config), *CLI_TINY, f"--num_models={k}", f"--output_dir={tmp_path / str(k)}"])
+    out = capsys.readouterr().out
+    assert "certified accuracy at training samples inserted + deleted: 0:" in out
+    assert "certified accuracy at modified training samples: 0:" in out
+    assert "inserted + deleted =" in out and "modified samples" in out and "poisoned samples" not in out
+    main(["certify-plot", str(tmp_path / "3"), str(tmp_path / "5"), "--output", str(tmp_path / "dpa.png")])
+    assert (tmp_path / "dpa.png").read_bytes()[:4] == b"\x89PNG"
+
+    # an output of the old layout (one "poisoned_samples" column, in insertions + deletions) is not misread
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "certified_accuracy.csv").write_text("poisoned_samples,certified_accuracy\n0,0.9\n1,0.5\n")
+    with pytest.raises(SystemExit, match="columns.*poisoned_samples.*rerun `lightning-defense certify`"):
+        main(["certify-plot", str(old), "--output", str(tmp_path / "x.png")])
+    # modified samples and l2 radii cannot share an x-axis
+    main(["certify", "--config", str(ROOT / "configs" / "digits" / "certify.yaml"), *CLI_TINY,
+          f"--output_dir={tmp_path / 'smooth'}"])
+    with pytest.raises(SystemExit, match="cannot share an x-axis"):
+        main(["certify-plot", str(tmp_path / "3"), str(tmp_path / "smooth"), "--output", str(tmp_path / "x.png")])
+
+
+def test_cli_rab_config(tmp_path, capsys):
+    main(["certify", "--config", str(ROOT / "configs" / "digits" / "certify_rab.yaml"), *CLI_TINY,
+          f"--output_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert "certify: RAB, sigma=0.25" in out and "joint perturbation of the test input" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["mode"] == "rab" and summary["num_models"] == 3
+    assert list(read_csv(tmp_path / "certificates.csv")[0]) == ["index", "label", "prediction", "pA", "pB", "radius",
+                                                                 "correct"]
 
 
 def test_cli_bad_wrapper_class_path_is_a_clear_error(tmp_path, capsys):

@@ -14,13 +14,17 @@ from lightning_defense.certify import (
     certified_accuracy,
     certify,
     certify_batch,
+    certify_rab,
+    certify_rab_batch,
     linf_to_l2,
     lower_confidence_bound,
     per_sample_radius,
     plot_certified_accuracy,
     predict,
     two_class_radius,
+    upper_confidence_bound,
 )
+from lightning_defense.certify.smoothing import _certified_accuracy_figure
 
 
 def cp_lower_by_bisection(k: int, n: int, alpha: float) -> float:
@@ -31,6 +35,20 @@ def cp_lower_by_bisection(k: int, n: int, alpha: float) -> float:
     for _ in range(200):
         mid = (lo + hi) / 2
         if binom.sf(k - 1, n, mid) < alpha:  # tail probability increases with p
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def cp_upper_by_bisection(k: int, n: int, alpha: float) -> float:
+    """Exact upper bound: the p with P[Binom(n, p) <= k] = alpha, found by bisection."""
+    if k == n:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if binom.cdf(k, n, mid) > alpha:  # lower tail decreases with p
             lo = mid
         else:
             hi = mid
@@ -78,16 +96,19 @@ def test_certify_radius_from_clopper_pearson() -> None:
 
 
 def test_certify_hong_closed_form_and_per_sample_radius() -> None:
-    m, sigma, alpha = 250, 0.5, 0.001
+    m, sigma, alpha = 250, 0.5, 0.001  # m models, all voting for class 1
     cert = certify([0, 10, 0], [0, m, 0], sigma=sigma, alpha=alpha)
     p_a = alpha ** (1.0 / m)
     assert cert.prediction == 1
     assert cert.p_a == pytest.approx(p_a, rel=1e-12)
     assert cert.radius == pytest.approx(sigma * norm.ppf(p_a), rel=1e-9)
-    # ||delta||_2 < sigma / sqrt(m) * Phi^-1(pA) when all m samples are poisoned.
-    assert per_sample_radius(cert.radius, m) == pytest.approx(
-        sigma / math.sqrt(m) * norm.ppf(p_a), rel=1e-9
+    # r poisoned training samples (here 40, unrelated to the m = 250 models), each moved by ||delta||_2:
+    # sqrt(r) * ||delta||_2 < sigma * Phi^-1(pA), so ||delta||_2 < sigma * Phi^-1(alpha^(1/m)) / sqrt(r).
+    r = 40
+    assert per_sample_radius(cert.radius, r) == pytest.approx(
+        sigma * norm.ppf(alpha ** (1.0 / m)) / math.sqrt(r), rel=1e-9
     )
+    assert per_sample_radius(cert.radius, r) != pytest.approx(sigma * norm.ppf(p_a) / math.sqrt(m))
 
 
 def test_certify_class_comes_from_counts0_not_counts() -> None:
@@ -158,6 +179,86 @@ def test_predict_torch_counts() -> None:
     assert predict(torch.tensor([0, 3, 40]), 0.001) == 2
 
 
+# --------------------------------------------------------------------------- RAB
+
+
+@pytest.mark.parametrize(("k", "n", "alpha"), [(3, 10, 0.05), (0, 30, 0.001), (29, 30, 0.0001), (50, 100, 0.01)])
+def test_upper_confidence_bound_matches_bisection(k: int, n: int, alpha: float) -> None:
+    assert upper_confidence_bound(k, n, alpha) == pytest.approx(cp_upper_by_bisection(k, n, alpha), abs=1e-9)
+    assert upper_confidence_bound(k, n, alpha) == pytest.approx(1 - lower_confidence_bound(n - k, n, alpha), abs=1e-12)
+    assert upper_confidence_bound(n, n, alpha) == 1.0
+
+
+def rab_by_hand(counts0, counts, sigma, alpha):
+    """RAB's certificate from bisection bounds: K simultaneous bounds at alpha / K (one at alpha for K = 2)."""
+    num_classes, n = len(counts), sum(counts)
+    level = alpha if num_classes == 2 else alpha / num_classes
+    c_a = int(np.argmax(counts0))
+    p_a = cp_lower_by_bisection(counts[c_a], n, level)
+    p_b = min(1 - p_a, max(cp_upper_by_bisection(counts[c], n, level) for c in range(num_classes) if c != c_a))
+    if p_a <= p_b:
+        return ABSTAIN, p_a, p_b, 0.0
+    return c_a, p_a, p_b, sigma / 2 * (norm.ppf(p_a) - norm.ppf(p_b))
+
+
+@pytest.mark.parametrize(
+    ("counts0", "counts"),
+    [
+        ([0, 5, 0], [0, 30, 0]),  # all votes agree
+        ([1, 4, 0, 0], [6, 20, 2, 2]),  # votes spread: pB from the runner-up's upper bound
+        ([2, 8, 0, 0, 0, 0, 0, 0, 0, 0], [0, 27, 1, 0, 0, 2, 0, 0, 0, 0]),
+        ([3, 2], [14, 16]),  # binary, abstains
+        ([3, 2], [28, 2]),  # binary: pB = 1 - pA
+        ([1, 4, 0], [25, 5, 0]),  # c_A from counts0 has the fewer estimation votes: abstain
+    ],
+)
+def test_certify_rab_matches_hand_computation(counts0, counts) -> None:
+    sigma, alpha = 0.5, 0.001
+    prediction, p_a, p_b, radius = rab_by_hand(counts0, counts, sigma, alpha)
+    cert = certify_rab(counts0, counts, sigma=sigma, alpha=alpha)
+    assert cert.prediction == prediction
+    assert cert.p_a == pytest.approx(p_a, abs=1e-9)
+    assert cert.p_b == pytest.approx(p_b, abs=1e-9)
+    assert cert.radius == pytest.approx(radius, abs=1e-8)
+    if prediction != ABSTAIN:
+        assert cert.radius == pytest.approx(two_class_radius(cert.p_a, cert.p_b, sigma), rel=1e-12)
+
+
+def test_certify_rab_binary_is_the_one_sided_bound_and_ten_classes_pay_bonferroni() -> None:
+    n, sigma, alpha = 30, 0.25, 0.001
+    binary = certify_rab([5, 0], [n, 0], sigma=sigma, alpha=alpha)
+    assert binary.p_a == pytest.approx(alpha ** (1 / n), rel=1e-12)
+    assert binary.p_b == pytest.approx(1 - binary.p_a, rel=1e-12)
+    assert binary.radius == pytest.approx(sigma * norm.ppf(alpha ** (1 / n)), rel=1e-9)
+    ten = certify_rab([5] + [0] * 9, [n] + [0] * 9, sigma=sigma, alpha=alpha)
+    assert ten.p_a == pytest.approx((alpha / 10) ** (1 / n), rel=1e-12)
+    assert ten.radius == pytest.approx(sigma * norm.ppf((alpha / 10) ** (1 / n)), rel=1e-9)
+
+
+def test_certify_rab_batch_equals_per_row() -> None:
+    rng = np.random.default_rng(1)
+    counts0 = rng.integers(0, 6, size=(25, 4))
+    counts0[:, 2] += 1
+    counts = rng.multinomial(40, [0.05, 0.1, 0.8, 0.05], size=25)
+    batch = certify_rab_batch(counts0, torch.as_tensor(counts), sigma=0.3, alpha=0.01)
+    assert (batch.radius > 0).any() and (batch.prediction == ABSTAIN).any()
+    for t in range(25):
+        one = certify_rab(counts0[t], counts[t], sigma=0.3, alpha=0.01)
+        assert (one.prediction, one.p_a, one.p_b, one.radius) == pytest.approx(
+            (batch.prediction[t], batch.p_a[t], batch.p_b[t], batch.radius[t]))
+
+
+def test_certify_rab_errors() -> None:
+    with pytest.raises(ValueError, match=r"RAB's certificate needs K >= 2 classes"):
+        certify_rab([3], [3], sigma=1.0, alpha=0.01)
+    with pytest.raises(ValueError, match=r"sigma must be > 0"):
+        certify_rab([3, 0], [3, 0], sigma=0.0, alpha=0.01)
+    with pytest.raises(ValueError, match=r"alpha must be in the open interval"):
+        certify_rab_batch([[3, 0]], [[3, 0]], sigma=1.0, alpha=1.0)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[0, n\]"):
+        upper_confidence_bound(5, 3, 0.01)
+
+
 # --------------------------------------------------------------------------- radii
 
 
@@ -218,6 +319,17 @@ def test_plot_certified_accuracy_writes_png(tmp_path) -> None:
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 1000
+
+
+def test_plot_steps_and_secondary_axis() -> None:
+    fig = _certified_accuracy_figure({"DPA k=10": ([0, 1, 2], [0.9, 0.5, 0.0])}, None, "modified samples", True,
+                                     ("inserted + deleted", 2.0))
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "modified samples" and ax.lines[0].get_drawstyle() == "steps-post"
+    assert [a.get_xlabel() for a in ax.child_axes] == ["inserted + deleted"]
+    bottom = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert bottom == [0, 1, 2]  # integer ticks only
+    assert list(ax.child_axes[0].get_xticks()) == [0, 2, 4]  # top ticks only where both readings are exact
 
 
 # --------------------------------------------------------------------------- errors
