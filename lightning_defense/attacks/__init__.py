@@ -4,7 +4,7 @@ Every attack is a class whose constructor takes the threat model (``eps``, ``nor
 ``craft(images, labels, *, goal=None, seed=0)`` returns a :class:`~lightning_defense.datamodules.PoisonSet`.
 """
 
-from lightning_defense.attacks._common import Attack, AttackGoal, apply_trigger, train_surrogate
+from lightning_defense.attacks.base import Attack, AttackGoal, apply_trigger, train_surrogate
 from lightning_defense.attacks.autoregressive import AutoregressivePerturbation
 from lightning_defense.attacks.error_minimizing import ErrorMinimizingNoise
 from lightning_defense.attacks.feature_collision import BullseyePolytope, PoisonFrogs

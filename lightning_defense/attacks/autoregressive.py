@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_defense.attacks._common import IndiscriminateAttack, scale_to_ball
+from lightning_defense.attacks.base import IndiscriminateAttack, scale_to_ball
 
 
 class AutoregressivePerturbation(IndiscriminateAttack):

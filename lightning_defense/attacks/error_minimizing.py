@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_defense.attacks._common import AttackGoal, IndiscriminateAttack, check_split, project
+from lightning_defense.attacks.base import AttackGoal, IndiscriminateAttack, check_split, project
 from lightning_defense.datamodules.poison import PoisonSet
 from lightning_defense.models.augment import random_crop_flip
 from lightning_defense.models.classifier import ImageClassifier

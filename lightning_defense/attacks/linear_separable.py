@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_defense.attacks._common import IndiscriminateAttack, scale_to_ball
+from lightning_defense.attacks.base import IndiscriminateAttack, scale_to_ball
 
 
 def _check_patch_size(patch_size: int) -> None:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_defense.attacks._common import (
+from lightning_defense.attacks.base import (
     AttackGoal,
     apply_trigger,
     check_split,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_defense.attacks._common import (
+from lightning_defense.attacks.base import (
     Attack,
     AttackGoal,
     budget_count,

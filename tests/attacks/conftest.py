@@ -74,7 +74,7 @@ def check_backdoor_poisons(attack, x, y, eps, norm, count):
 
 def random_sign_control(poisons, x, eps, seed, **fields):
     """The noise control of a success test: random +-eps (l_inf) on the same samples as ``poisons``."""
-    from lightning_defense.attacks._common import project
+    from lightning_defense.attacks.base import project
     from lightning_defense.datamodules.poison import PoisonSet
 
     clean = x[poisons.indices]

@@ -10,7 +10,7 @@ import torch
 from tests.attacks.conftest import check_targeted_poisons
 
 from lightning_defense.attacks import AttackGoal, BullseyePolytope, PoisonFrogs, train_surrogate
-from lightning_defense.attacks._common import project
+from lightning_defense.attacks.base import project
 from lightning_defense.attacks.feature_collision import extract_features, fit_linear_head
 
 # Digits need a larger bound and budget than the papers' CIFAR-10 (8-16/255, 5-25 poisons): at 16/255 the
