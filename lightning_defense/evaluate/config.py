@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lightning_defense.attacks._common import Attack, AttackGoal
+from lightning_defense.attacks.base import Attack, AttackGoal
 from lightning_defense.datamodules.poison import KINDS, NORMS
 
 NO_DEFENSE = "none"

@@ -47,7 +47,7 @@ import lightning as L
 from lightning.fabric.utilities.rank_zero import _get_rank
 from torch import Tensor
 
-from lightning_defense.attacks._common import Attack, AttackGoal
+from lightning_defense.attacks.base import Attack, AttackGoal
 from lightning_defense.core.batch import dataset_tensors
 from lightning_defense.core.collective import Collective
 from lightning_defense.core.config import instantiate, resolve_class

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from lightning_defense.attacks._common import apply_trigger
+from lightning_defense.attacks.base import apply_trigger
 from lightning_defense.attacks.metrics import AttackSuccessRate
 from lightning_defense.callbacks.linear_probe import LinearProbe
 from lightning_defense.core.batch import dataset_tensors
