@@ -7,7 +7,9 @@ Three modes:
   wrapper with draw ``seed=i`` (Gaussian noise alone, i.e. Hong et al.'s "Gaussian-only" baseline, by
   default; diffusion denoising, ECLIPSE, ...) and votes on the clean test points; the first n0 models
   select c_A and the other n = m - n0 estimate pA (Cohen et al.'s CERTIFY); the certified l2 radius
-  sigma * Phi^-1(pA) bounds the whole training set's perturbation sqrt(sum_i ||delta_i||_2^2).
+  sigma * Phi^-1(pA) bounds the whole training set's perturbation sqrt(sum_i ||delta_i||_2^2). sigma is
+  the one the wrapper states it adds to every training sample (its ``certified_sigma``), never a number
+  given beside it; a wrapper that states none certifies nothing and is refused.
 - ``rab``, RAB (Weber et al.): as above, and model i also votes on each test point plus its own Gaussian
   draw N(0, sigma^2 I); the radius sigma / 2 * (Phi^-1(pA) - Phi^-1(pB)) bounds the joint perturbation of
   the test input and the training set, sqrt(||delta_x||_2^2 + sum_i ||delta_i||_2^2).
@@ -20,6 +22,8 @@ The trainings are sharded over every DDP rank (``lightning.fabric``), several sm
 once per device (``training.models_per_batch``), and each model's votes are stored atomically, with
 their SHA-256, as soon as it finishes (:class:`~lightning_defense.certify.votes.VoteStore`), so an
 interrupted run resumes at the next untrained model; a damaged votes file is reported and retrained.
+Each model trains as ``fit`` would train it on its wrapper: a wrapper's per-batch rewrite
+(``train_batch_transform``, e.g. ECLIPSE's compensation) applies to its batches too.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import csv
 import inspect
 import io
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +45,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lightning_defense import datamodules
 from lightning_defense.certify.dpa import (
     certified_modified_samples,
     dpa_certificate_batch,
@@ -76,7 +82,9 @@ DEFAULT_SMOOTHING = {"class_path": "lightning_defense.datamodules.GaussianNoiseD
 """The default smoothing wrapper: Gaussian noise on the training data alone. With clean test inputs (mode
 ``smoothing``) this is Hong et al.'s "Gaussian-only" baseline; with mode ``rab`` it is RAB's training-set
 noise. Its sigma comes from ``sigma``."""
-FORMAT_VERSION = 2  # bump when the training loop changes what a model's votes are (2: core fingerprints, digests)
+# Bump when the training loop changes what a model's votes are (2: core fingerprints, digests; 3: the
+# wrapper's train_batch_transform applies to the models' batches, sigma is the wrapper's certified_sigma).
+FORMAT_VERSION = 3
 
 CERTIFICATES_CSV = "certificates.csv"
 CURVE_CSV = "certified_accuracy.csv"
@@ -160,7 +168,8 @@ def _check_arguments(data, model, smoothing, mode, num_models, n0, selection, al
 
     Returns:
         ``(training, model_args, wrapper, sigma)``: :class:`TrainingOptions`, the ImageClassifier arguments,
-        the smoothing wrapper's ``(class, init_args)`` (None for DPA) and the radius' sigma.
+        the smoothing wrapper's ``(class, init_args)`` (None for DPA) and the radius' sigma, the wrapper's
+        ``certified_sigma`` (None for DPA).
     """
     training = training if training is not None else TrainingOptions()
     if isinstance(training, Mapping):
@@ -188,27 +197,46 @@ def _check_arguments(data, model, smoothing, mode, num_models, n0, selection, al
     for linked in ("num_classes", "in_chans"):
         if linked in model_args:
             raise ValueError(f"model.{linked} comes from the datamodule; remove it from the model arguments")
+    if not isinstance(data, L.LightningDataModule):
+        raise ValueError(f"data must be a LightningDataModule; got {type(data).__name__}")
     wrapper = None
     if mode in SMOOTHED_MODES:
-        wrapper_cls, wrapper_args, sigma = resolve_smoothing(smoothing if smoothing is not None else DEFAULT_SMOOTHING, sigma)
+        wrapper_cls, wrapper_args, sigma = resolve_smoothing(
+            smoothing if smoothing is not None else DEFAULT_SMOOTHING, sigma, data)
         wrapper = (wrapper_cls, wrapper_args)
     elif smoothing is not None:
         raise ValueError("mode 'dpa' partitions the training set as it is; set smoothing to null")
-    if not isinstance(data, L.LightningDataModule):
-        raise ValueError(f"data must be a LightningDataModule; got {type(data).__name__}")
+    else:
+        sigma = None
     return training, model_args, wrapper, sigma
 
 
-def resolve_smoothing(smoothing: Mapping, sigma: Optional[float]) -> tuple[type, dict, float]:
-    """Checks a smoothing wrapper spec and returns ``(class, init_args, sigma)``.
+def certifying_wrappers() -> list[str]:
+    """The wrappers of :mod:`lightning_defense.datamodules` that state the sigma they certify (``certified_sigma``)."""
+    return sorted(name for name in datamodules.__all__ if hasattr(getattr(datamodules, name), "certified_sigma"))
+
+
+def _certifies_nothing(cls: type, why: str) -> ValueError:
+    return ValueError(
+        f"smoothing.class_path {cls.__name__} certifies no sigma ({why}): the smoothing radius holds only for a "
+        "wrapper that adds N(0, sigma^2 I) to every training sample and states that sigma as certified_sigma. "
+        f"Wrappers that do (where certified_sigma is not None): {', '.join(certifying_wrappers())}")
+
+
+def resolve_smoothing(smoothing: Mapping, sigma: Optional[float], data: L.LightningDataModule) -> tuple[type, dict, float]:
+    """Checks a smoothing wrapper spec and returns ``(class, init_args, certified sigma)``.
 
     The wrapper must be a LightningDataModule taking ``base=`` and ``seed=``, which the loop injects (the
-    configured datamodule, and the model's draw index). ``sigma`` (for the radius) is taken from
-    ``init_args.sigma``, or injected there when the wrapper takes a ``sigma`` argument.
+    configured datamodule, and the model's draw index), and must state the noise it certifies as
+    ``certified_sigma`` (read from ``cls(base=data, seed=0, **init_args)``, which sets nothing up): the
+    radius uses that sigma only. ``sigma`` sets the wrapper's noise where the wrapper takes a ``sigma``
+    argument that ``init_args`` leaves unset (then one of them is required); otherwise it must agree with
+    the wrapper's.
 
     Raises:
         ValueError: On a malformed spec, an unimportable or unsuitable class, unknown or injected
-            init_args, or no sigma.
+            init_args, a wrapper that certifies no sigma, no sigma where the wrapper takes one, or a
+            ``sigma`` that disagrees with the wrapper's.
     """
     if not isinstance(smoothing, Mapping) or "class_path" not in smoothing:
         raise ValueError(
@@ -227,23 +255,36 @@ def resolve_smoothing(smoothing: Mapping, sigma: Optional[float]) -> tuple[type,
         if injected in init_args:
             raise ValueError(f"smoothing.init_args must not set {injected!r}: the loop injects it (the data, "
                              "and the model's draw index)")
-        if injected not in params and not takes_any:
-            raise ValueError(f"smoothing.class_path {cls.__name__} must accept {injected}=, which the loop injects")
+    takes = lambda name: name in params or takes_any  # noqa: E731
+    if not takes("base"):
+        raise ValueError(f"smoothing.class_path {cls.__name__} must accept base=, which the loop injects")
+    if not hasattr(cls, "certified_sigma"):
+        raise _certifies_nothing(cls, "it has no certified_sigma")
+    if not takes("seed"):
+        raise ValueError(f"smoothing.class_path {cls.__name__} must accept seed=, which the loop injects")
     accepted = sorted(name for name in params if name != "self")
     bad = [name for name in init_args if name not in params and not takes_any]
     if bad:
         raise ValueError(f"smoothing.init_args {bad} are not arguments of {cls.__name__}; it takes {accepted}")
-    if "sigma" in init_args:
-        if sigma is not None and float(sigma) != float(init_args["sigma"]):
-            raise ValueError(f"sigma={sigma} disagrees with smoothing.init_args.sigma={init_args['sigma']}; give one")
-        sigma = init_args["sigma"]
-    elif sigma is not None and ("sigma" in params or takes_any):
-        init_args["sigma"] = sigma
-    if sigma is None:
-        raise ValueError("sigma is needed for the certified radius: set sigma or smoothing.init_args.sigma")
-    if not float(sigma) > 0:
+    if sigma is not None and not float(sigma) > 0:
         raise ValueError(f"sigma must be > 0; got {sigma}")
-    return cls, init_args, float(sigma)
+    if "sigma" not in init_args and takes("sigma"):
+        if sigma is None:
+            raise ValueError(f"sigma is needed for the certified radius: {cls.__name__} takes sigma, the noise it "
+                             "certifies; set sigma or smoothing.init_args.sigma")
+        init_args["sigma"] = sigma
+    certified = cls(base=data, seed=0, **init_args).certified_sigma
+    if certified is None:
+        raise _certifies_nothing(cls, f"its certified_sigma is None with init_args {init_args}")
+    certified = float(certified)
+    if not certified > 0:
+        raise ValueError(f"{cls.__name__}.certified_sigma must be > 0; got {certified}")
+    if sigma is not None and not math.isclose(float(sigma), certified, rel_tol=1e-6):
+        raise ValueError(
+            f"sigma={sigma} disagrees with the sigma {cls.__name__} certifies with init_args {init_args}: "
+            f"{certified:.6g} (its certified_sigma); the radius uses the wrapper's sigma. Omit sigma, or set "
+            "the wrapper's noise through its own arguments")
+    return cls, init_args, certified
 
 
 def _test_points(test_set, num_test_points: Optional[int], test_indices: Optional[Sequence[int]]):
@@ -315,7 +356,12 @@ def run_certification(
     joint perturbation of the test input and the whole training set.
 
     Both radii assume that the wrapper adds N(0, sigma^2 I) to every training sample, as
-    GaussianNoiseDataModule does (what follows, e.g. diffusion denoising, is part of the learner).
+    GaussianNoiseDataModule does (what follows, e.g. diffusion denoising, is part of the learner); sigma is
+    the wrapper's ``certified_sigma`` (GaussianNoiseDataModule's and DiffusionPurifiedDataModule's sigma, or
+    the pixel-space sigma of a fixed timestep; EclipseDataModule's t* noise level), recorded in
+    ``summary.json``. A wrapper without one (ISS, Deep k-NN, ...) is refused. Each model trains as ``fit``
+    trains on its wrapper: the wrapper's ``train_batch_transform`` (ECLIPSE's compensation) applies to every
+    batch, drawing from the stream keyed by ``(seed, i)``.
 
     DPA mode (Levine & Feizi): ``num_models`` is the number of partitions k; model i trains on the
     training samples with ``dpa_partition(images, k) == i``; ``smoothing``, n0, selection and alpha are
@@ -339,7 +385,9 @@ def run_certification(
         n0: Selection models (smoothing, ``selection="split"``), 1 <= n0 < m.
         selection: ``"split"`` or ``"all"``.
         alpha: Failure probability of the certificate.
-        sigma: Smoothing noise for the radius, if ``smoothing.init_args`` does not set it.
+        sigma: The wrapper's noise, injected as ``smoothing.init_args.sigma`` where the wrapper takes
+            ``sigma`` and ``init_args`` does not set it; otherwise it must agree with the wrapper's
+            ``certified_sigma``, which is the radius' sigma in every case.
         num_test_points: Certify the first this many test points (default: the whole test split).
         test_indices: Or exactly these test-split indices.
         training: :class:`TrainingOptions`.
@@ -379,7 +427,7 @@ def run_certification(
 
     # Resume: rank 0 finds the models whose votes are already stored under this configuration's key.
     output_dir = Path(output_dir)
-    key = _resume_key(mode, seed, setup, model_args, training, wrapper, num_models) if collective.rank == 0 else None
+    key = _resume_key(mode, seed, setup, model_args, training, wrapper, sigma, num_models) if collective.rank == 0 else None
     store, todo = _open_vote_store(collective, output_dir, key, num_models, setup)
     if max_models is not None:
         todo = todo[:max_models]
@@ -395,7 +443,8 @@ def run_certification(
 
     # CERTIFY (or DPA's plurality vote) once every model has voted.
     return _certify_and_write(collective, store, output_dir, trained, setup, mode, num_models, n0, selection,
-                              alpha, sigma, training_sets.partition, report_radii)
+                              alpha, sigma, training_sets.partition, report_radii,
+                              sigma_from=f"{wrapper[0].__name__}.certified_sigma" if wrapper is not None else None)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -463,17 +512,18 @@ class _TrainingSets:
                            else _setup_is_collective(wrapper[0]))
 
     def set_up(self, i: int):
-        """Model i's training set: a Dataset set up by the smoothing wrapper, or DPA's ``(images, labels)``."""
+        """Model i's ``(training set, per-batch transform)``: a Dataset set up by the smoothing wrapper and its
+        ``train_batch_transform`` (None without one), or DPA's ``(images, labels)`` and None."""
         if self.partition is not None:
             keep = self.partition == i
-            return self.data.train_images[keep], self.data.train_labels[keep]
+            return (self.data.train_images[keep], self.data.train_labels[keep]), None
         wrapper_cls, wrapper_args = self.wrapper
         wrapper = wrapper_cls(base=self.data.module, seed=i, **wrapper_args)
         if hasattr(wrapper, "use_collective"):
             wrapper.use_collective(self.collective)
         wrapper.prepare_data()
         wrapper.setup("fit")
-        return wrapper.train_set
+        return wrapper.train_set, getattr(wrapper, "train_batch_transform", None)
 
     @staticmethod
     def tensors(training_set) -> tuple[Tensor, Tensor]:
@@ -492,7 +542,7 @@ def _setup_is_collective(wrapper_cls: type) -> bool:
 
 
 def _resume_key(mode: str, seed: int, data: _Data, model_args: dict, training: TrainingOptions,
-                wrapper: Optional[tuple[type, dict]], num_models: int) -> dict:
+                wrapper: Optional[tuple[type, dict]], sigma: Optional[float], num_models: int) -> dict:
     """Everything that determines a model's votes. In smoothing mode m is not in it: a larger m reuses the
     models already trained."""
     key = {
@@ -509,7 +559,8 @@ def _resume_key(mode: str, seed: int, data: _Data, model_args: dict, training: T
     if wrapper is not None:
         wrapper_cls, wrapper_args = wrapper
         key["smoothing"] = {"class_path": f"{wrapper_cls.__module__}.{wrapper_cls.__qualname__}",
-                            "init_args": _with_defaults(wrapper_cls, wrapper_args, {"base", "seed"})}
+                            "init_args": _with_defaults(wrapper_cls, wrapper_args, {"base", "seed"}),
+                            "certified_sigma": sigma}
     else:
         key["num_partitions"] = num_models
     return key
@@ -552,8 +603,9 @@ def _train_sharded(collective: Collective, todo: list[int], models_per_batch: in
     With ``training_sets.shared`` every rank sets up every model's training set of the round, in the same
     order (a wrapper like DiffusionPurifiedDataModule then shares each draw's purification over the
     ranks), and reads only its own; otherwise each rank sets up only its own models' sets. With
-    ``test_sigma`` (RAB) each model votes on its own noised test inputs, keyed by ``test_keys``. Returns
-    the models trained, in order (the same on every rank).
+    ``test_sigma`` (RAB) each model votes on its own noised test inputs, keyed by ``test_keys``. Each
+    model's batches go through its wrapper's ``train_batch_transform``. Returns the models trained, in order
+    (the same on every rank).
     """
     world, rank = collective.world_size, collective.rank
     per_round = world * models_per_batch
@@ -565,10 +617,10 @@ def _train_sharded(collective: Collective, todo: list[int], models_per_batch: in
         votes = {}
         if mine:
             group = train_and_vote(
-                [build(i) for i in mine], mine, [training_sets.tensors(sets[i]) for i in mine], test_images,
+                [build(i) for i in mine], mine, [training_sets.tensors(sets[i][0]) for i in mine], test_images,
                 seed=seed, max_epochs=training.max_epochs, batch_size=batch_size,
                 limit_train_batches=training.limit_train_batches, device=collective.device, use_vmap=len(mine) > 1,
-                test_sigma=test_sigma, test_keys=test_keys,
+                test_sigma=test_sigma, test_keys=test_keys, batch_transforms=[sets[i][1] for i in mine],
             )
             votes = dict(zip(mine, group.numpy()))
         gathered = collective.gather(votes)
@@ -586,7 +638,8 @@ def _train_sharded(collective: Collective, todo: list[int], models_per_batch: in
 
 def _certify_and_write(collective: Collective, store: Optional[VoteStore], output_dir: Path, trained: list[int],
                        data: _Data, mode: str, num_models: int, n0: int, selection: str, alpha: float,
-                       sigma: Optional[float], partition: Optional[Tensor], report_radii) -> CertificationResult:
+                       sigma: Optional[float], partition: Optional[Tensor], report_radii,
+                       sigma_from: Optional[str] = None) -> CertificationResult:
     """Rank 0 certifies the test points once all models' votes are stored, and writes the outputs; every
     rank learns whether the run is complete."""
     result = CertificationResult(output_dir=output_dir, complete=False, trained=trained)
@@ -595,7 +648,7 @@ def _certify_and_write(collective: Collective, store: Optional[VoteStore], outpu
         labels = data.test_labels.numpy()
         if mode in SMOOTHED_MODES:
             summary, files = _smoothing_outputs(output_dir, mode, votes, labels, data.test_indices, data.num_classes,
-                                                n0, selection, alpha, sigma, report_radii)
+                                                n0, selection, alpha, sigma, report_radii, sigma_from)
         else:
             summary, files = _dpa_outputs(output_dir, votes, labels, data.test_indices, data.num_classes, partition,
                                           report_radii)
@@ -629,7 +682,7 @@ def _curve(output_dir: Path, header: Sequence[str], rows, curves: dict, title: s
 
 
 def _smoothing_outputs(output_dir, mode, votes, labels, indices, num_classes, n0, selection, alpha, sigma,
-                       report_radii):
+                       report_radii, sigma_from=None):
     """CERTIFY (Hong et al.'s smoothing) or RAB's certificate from the votes, and the output files."""
     m = votes.shape[0]
     if selection == "split":
@@ -660,7 +713,7 @@ def _smoothing_outputs(output_dir, mode, votes, labels, indices, num_classes, n0
                         xlabel=RADIUS_XLABEL[mode]))
     majority = _vote_counts(votes, num_classes).argmax(axis=1)
     summary = {
-        "mode": mode, "certifies": CERTIFIES[mode], "sigma": sigma, "num_models": m,
+        "mode": mode, "certifies": CERTIFIES[mode], "sigma": sigma, "sigma_from": sigma_from, "num_models": m,
         "n0": n0 if selection == "split" else m, "n": n, "selection": selection, "alpha": alpha,
         "num_test_points": len(labels),
         "certified_accuracy": {f"{r:g}": float(certified_accuracy(cert.radius, correct, [r])[0]) for r in report_radii},

@@ -5,7 +5,9 @@ pixel space, normalisation, cross-entropy, SGD with Nesterov momentum and weight
 steps at the milestones) in a plain loop on one device, so that no process group is nested inside the
 loop's own DDP sharding. All randomness of model ``i`` (initialisation, shuffling, augmentation) comes
 from streams keyed by ``(seed, i)``: a model's votes depend neither on the rank that trains it nor on
-the other models of its group.
+the other models of its group. A smoothing wrapper's per-batch rewrite (``train_batch_transform``,
+e.g. ECLIPSE's compensation) applies to every batch before the crop/flip, as in ``fit``, drawing from the
+CPU stream keyed by ``(seed, i, BATCH_TRANSFORM)``.
 
 Several models train at once by stacking their weights (``torch.func.stack_module_state``) and
 calling the shared architecture through ``vmap(functional_call)``. BatchNorm works in this mode: each
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import numpy as np
@@ -37,10 +39,13 @@ from lightning_defense.core.recipe import sgd_with_steps
 from lightning_defense.core.rng import generator, per_sample_normal, seed_for
 from lightning_defense.models.classifier import ImageClassifier
 
-__all__ = ["build_model", "rab_test_noise", "train_and_vote"]
+__all__ = ["BatchTransform", "build_model", "rab_test_noise", "train_and_vote"]
 
 # Independent random streams of one model, keyed by (seed, model index, stream).
-INIT, SHUFFLE, AUGMENT, TEST_NOISE = 0, 1, 2, 3
+INIT, SHUFFLE, AUGMENT, TEST_NOISE, BATCH_TRANSFORM = 0, 1, 2, 3, 4
+
+BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
+"""``(images, generator) -> images``: a wrapper's ``train_batch_transform``."""
 
 
 def build_model(model_args: dict, num_classes: int, in_chans: int, seed: int, index: int) -> ImageClassifier:
@@ -70,6 +75,7 @@ def train_and_vote(
     eval_batch_size: int = 1024,
     test_sigma: Optional[float] = None,
     test_keys: Optional[Sequence[int]] = None,
+    batch_transforms: Optional[Sequence[Optional[BatchTransform]]] = None,
 ) -> Tensor:
     """Trains a group of models on their training sets and returns their votes on ``test_images``.
 
@@ -88,6 +94,9 @@ def train_and_vote(
         test_sigma: RAB's test-time noise: each model votes on ``x + test_sigma * rab_test_noise(seed, i,
             test_keys, ...)`` (not clipped, as RAB's certificate assumes). None: on the test points as they are.
         test_keys: With ``test_sigma``: each test point's index in the test split, shape (T,).
+        batch_transforms: One per model, or None: its wrapper's ``train_batch_transform``, applied to each of
+            its batches on ``device`` before the crop/flip, with the CPU generator keyed by
+            ``(seed, i, BATCH_TRANSFORM)`` (one stream per model, drawn batch after batch).
 
     Returns:
         LongTensor (G, T): each model's argmax prediction on each test point, on the CPU.
@@ -105,6 +114,10 @@ def train_and_vote(
     sizes = {len(images) for images, _ in train_data}
     if use_vmap and len(sizes) != 1:
         raise ValueError(f"models trained together need training sets of one size; got sizes {sorted(sizes)}")
+    if batch_transforms is None:
+        batch_transforms = [None] * group
+    if len(batch_transforms) != group:
+        raise ValueError(f"batch_transforms must give one entry per model ({group}); got {len(batch_transforms)}")
     hp = models[0].hparams
     models = [m.to(device).train() for m in models]
 
@@ -122,6 +135,7 @@ def train_and_vote(
     optimizer, scheduler = sgd_with_steps(trainable, max_epochs, **models[0].recipe())
     shuffle_gens = [generator(seed, i, SHUFFLE) for i in indices]
     augment_gens = [generator(seed, i, AUGMENT, device=device) for i in indices]
+    transform_gens = [generator(seed, i, BATCH_TRANSFORM) for i in indices]
 
     n = len(train_data[0][0])
     steps = math.ceil(n / batch_size)
@@ -131,9 +145,12 @@ def train_and_vote(
         orders = [torch.randperm(len(images), generator=g) for (images, _), g in zip(train_data, shuffle_gens)]
         for step in range(steps):
             xs, ys = [], []
-            for (images, labels), order, gen in zip(train_data, orders, augment_gens):
+            for (images, labels), order, gen, transform, transform_gen in zip(
+                    train_data, orders, augment_gens, batch_transforms, transform_gens):
                 idx = order[step * batch_size : (step + 1) * batch_size]
                 x = images[idx].to(device, non_blocking=True)
+                if transform is not None:
+                    x = transform(x, transform_gen)
                 xs.append(random_crop_flip(x, hp.crop_padding, hp.flip, generator=gen))
                 ys.append(labels[idx].to(device, non_blocking=True))
             if use_vmap:

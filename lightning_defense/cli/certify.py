@@ -40,9 +40,11 @@ def build_parser() -> ArgumentParser:
                         help="'split' (Cohen: n0 select, n estimate) or 'all' (the paper: all m do both; not a strict bound).")
     parser.add_argument("--alpha", type=float, default=0.001, help="Failure probability.")
     parser.add_argument("--sigma", type=Optional[float], default=None,
-                        help="Smoothing sigma; overrides smoothing.init_args.sigma.")
+                        help="The smoothing wrapper's sigma (overrides smoothing.init_args.sigma) where it takes one; "
+                             "otherwise it must equal the sigma the wrapper certifies. The radius always uses the "
+                             "wrapper's certified_sigma (e.g. EclipseDataModule's t* noise level).")
     parser.add_argument("--sigmas", type=Optional[list[float]], default=None,
-                        help="A sigma grid (overrides smoothing.init_args.sigma): one run per sigma under "
+                        help="A sigma grid (overrides smoothing.init_args.sigma, as --sigma): one run per sigma under "
                              "output_dir/sigma_<s>, plotted together.")
     parser.add_argument("--num_test_points", type=Optional[int], default=None, help="Certify the first N test points.")
     parser.add_argument("--test_indices", type=Optional[list[int]], default=None, help="Or exactly these test indices.")
@@ -70,7 +72,8 @@ def _print_summary(result, label: str = "") -> None:
     head = f"certify{label}: "
     if s["mode"] in ("smoothing", "rab"):
         name = "RAB, " if s["mode"] == "rab" else ""
-        print(f"{head}{name}sigma={s['sigma']:g}, m={s['num_models']} (n0={s['n0']}, n={s['n']}, {s['selection']}), "
+        source = f" ({s['sigma_from']})" if s.get("sigma_from") else ""
+        print(f"{head}{name}sigma={s['sigma']:g}{source}, m={s['num_models']} (n0={s['n0']}, n={s['n']}, {s['selection']}), "
               f"alpha={s['alpha']:g}, {s['num_test_points']} test points")
         print(f"  certifies: {s['certifies']}")
         print("  certified accuracy at radius " + ", ".join(f"{r}: {a:.3f}" for r, a in s["certified_accuracy"].items()))

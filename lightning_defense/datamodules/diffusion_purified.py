@@ -132,6 +132,18 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
         _, labels = dataset_tensors(train_set)
         return CachedImageDataset(self.cache.load(), labels)
 
+    @property
+    def certified_sigma(self) -> float:
+        """The smoothing noise it certifies: ``sigma``, or with a fixed ``timestep`` the pixel-space sigma of
+        that timestep (:func:`sigma_at_timestep` of the denoiser's schedule, which loads the denoiser).
+
+        Every training sample gets exactly this Gaussian before denoising (``x + sigma * eps`` rescaled to
+        t*); the denoising counts as the learner (Hong et al.).
+        """
+        if self.sigma is not None:
+            return self.sigma
+        return sigma_at_timestep(self.get_denoiser().alphas_cumprod, int(self.timestep))
+
     # -- the purification job ----------------------------------------------------------------------
     def get_denoiser(self) -> Denoiser:
         """The denoiser, loaded once."""

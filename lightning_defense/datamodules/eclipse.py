@@ -40,6 +40,7 @@ from lightning_defense.datamodules.diffusion_purified import (
     resolve_device,
 )
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
+from lightning_defense.diffusion.denoise import sigma_at_timestep
 from lightning_defense.diffusion.denoiser import Denoiser
 from lightning_defense.diffusion.sparse import SparseDenoiserBuilder, replicate
 
@@ -80,8 +81,11 @@ class EclipseDataModule(TrainSplitWrapper):
 
     ``base``'s training split is purified once, offline (cached, resumable, DDP-sharded by an ordinary
     :class:`DiffusionPurifiedDataModule`) by a DDPM trained once on the replicated sparse clean set (kept
-    by content by :class:`~lightning_defense.diffusion.sparse.SparseDenoiserBuilder`); during training every batch gets fresh compensation in :meth:`on_after_batch_transfer`
-    (before callbacks and the model's crop/flip); validation and test pass through untouched.
+    by content by :class:`~lightning_defense.diffusion.sparse.SparseDenoiserBuilder`); during training every batch gets fresh compensation,
+    :meth:`train_batch_transform` (before callbacks and the model's crop/flip; the certification loop applies
+    it too); validation and test pass through untouched. As a smoothing wrapper of the certification loop it
+    certifies the sigma of its t* noise level (:attr:`certified_sigma`, about 0.025 at the paper's t* = 100
+    of 4000 steps).
 
     The paper's ablations (Table 4): ``diffusion=False`` drops module A (B+C), ``grayscale_p=0`` drops B,
     ``noise_std=0`` drops C.
@@ -207,7 +211,6 @@ class EclipseDataModule(TrainSplitWrapper):
         )
         self._denoiser: Optional[Denoiser] = None
         self._purifier: Optional[DiffusionPurifiedDataModule] = None
-        self._compensation_calls = (-1, -1, 0)  # (epoch, global step, calls within that step)
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -225,27 +228,42 @@ class EclipseDataModule(TrainSplitWrapper):
     def wrap_train(self, train_set: Dataset) -> Dataset:
         return self.purifier().wrap_train(train_set) if self.diffusion else train_set
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Compensation on training batches only, seeded by (seed, epoch, global step, rank, call)."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or not trainer.training or (self.grayscale_p == 0 and self.noise_std == 0):
-            return batch
-        epoch, step = trainer.current_epoch, trainer.global_step
-        last_epoch, last_step, calls = self._compensation_calls
-        calls = calls + 1 if (epoch, step) == (last_epoch, last_step) else 0
-        self._compensation_calls = (epoch, step, calls)
-        generator = self.compensation_generator(epoch, step, trainer.global_rank, calls)
-        images, *rest = batch
-        return [compensate(images, self.grayscale_p, self.noise_std, generator), *rest]
+    def train_batch_transform(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """Module B+C, fresh on every training batch: :func:`compensate` with ``grayscale_p`` and ``noise_std``.
 
-    def compensation_generator(self, epoch: int, step: int, rank: int = 0, call: int = 0) -> torch.Generator:
-        """The CPU generator of one training batch's compensation.
+        During ``fit`` its draws come from :meth:`train_batch_generator`; the certification loop gives each
+        model its own keyed stream, so its models train as ``fit`` trains them.
+        """
+        if self.grayscale_p == 0 and self.noise_std == 0:
+            return images
+        return compensate(images, self.grayscale_p, self.noise_std, generator)
+
+    def train_batch_generator(self, epoch: int, step: int, rank: int = 0, call: int = 0) -> torch.Generator:
+        """The CPU generator of one ``fit`` batch's compensation, keyed by (seed, epoch, global step, rank, call).
 
         Seeded from a fingerprint of its key (not :mod:`lightning_defense.core.rng`): these are the draws of
         the published ECLIPSE results, kept so that those results reproduce.
         """
         key = fingerprint("eclipse-compensation", self.seed, epoch, step, rank, call)
         return torch.Generator().manual_seed(int(key[:15], 16))
+
+    @property
+    def certified_sigma(self) -> Optional[float]:
+        """The pixel-space sigma of the t* noise level, ``sqrt((1 - abar) / abar) / 2`` at timestep t* - 1.
+
+        Purification starts from ``x_t* = sqrt(abar) x + sqrt(1 - abar) eps``, i.e. ``x + sigma * eps`` in
+        [0, 1] pixels rescaled, with that sigma on every training sample; denoising and compensation come
+        after it and count as the learner. Read from the cosine schedule of ``num_train_timesteps`` steps
+        (the trained model's), so nothing is trained. None with ``diffusion=False``: the clamped
+        compensation noise alone is not a Gaussian of known std, so nothing is certified.
+        """
+        if not self.diffusion:
+            return None
+        from diffusers import DDPMScheduler  # diffusers is slow to import; only needed here
+
+        kwargs = self.builder.model_kwargs
+        schedule = DDPMScheduler(num_train_timesteps=kwargs["num_train_timesteps"], beta_schedule=kwargs["beta_schedule"])
+        return sigma_at_timestep(schedule.alphas_cumprod, self.t_star - 1)
 
     # -- Algorithm 1: the sparse set, the denoiser, the purification ----------------------------------
     def sparse_set(self) -> Tensor:

@@ -39,6 +39,11 @@ class GaussianNoiseDataModule(TrainSplitWrapper):
         self.sigma = float(sigma)
         self.seed = int(seed)
 
+    @property
+    def certified_sigma(self) -> float:
+        """The smoothing noise it certifies: ``sigma``, the std of the Gaussian on every training sample."""
+        return self.sigma
+
     def wrap_train(self, train_set: Dataset) -> Dataset:
         images, labels = dataset_tensors(train_set)
         noise = per_sample_normal(self.seed, torch.arange(len(images)), tuple(images.shape[1:]))

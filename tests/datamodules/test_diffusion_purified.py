@@ -254,3 +254,12 @@ def test_sigma_below_the_first_noise_level_warns_that_the_data_comes_back_nearly
     assert dm.cache.meta["t_star"] == 0
     with pytest.warns(UserWarning, match="t\\*=0"):
         purified(ddpm_dir, tmp_path, sigma=None, timestep=0).setup("fit")
+
+
+def test_certified_sigma_is_sigma_or_the_pixel_sigma_of_the_fixed_timestep(ddpm_dir, tmp_path):
+    assert purified(ddpm_dir, tmp_path, sigma=0.3).certified_sigma == 0.3
+    fixed = purified(ddpm_dir, tmp_path, sigma=None, timestep=10)
+    abar = load_denoiser(ddpm_dir).alphas_cumprod[10].double()
+    assert fixed.certified_sigma == pytest.approx(float(((1 - abar) / abar).sqrt()) / 2, rel=1e-12)
+    fixed.setup("fit")
+    assert fixed.cache.meta["sigma"] == fixed.certified_sigma  # the noise the purification really added

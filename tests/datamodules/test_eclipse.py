@@ -211,6 +211,27 @@ def test_compensation_is_fresh_every_epoch_reproducible_and_training_only(shared
     assert all(torch.equal(a[1], b[1]) for a, b in zip(record.train, again.train))
 
 
+def test_fit_compensation_is_the_published_stream_through_train_batch_transform(shared):
+    """Every fit batch is train_batch_transform of the purified batch, drawn from the published generator."""
+    tmp, dm = shared
+    purified, _ = dm.train_tensors()
+    record = fit_and_record(eclipse(tmp, grayscale_p=0.4, noise_std=0.05), epochs=1)
+    for step, (epoch, images, indices) in enumerate(record.train):
+        key = fingerprint("eclipse-compensation", 0, epoch, step, 0, 0)
+        published = torch.Generator().manual_seed(int(key[:15], 16))
+        assert torch.equal(images, compensate(purified[indices], 0.4, 0.05, published))
+
+
+def test_certified_sigma_is_the_pixel_sigma_of_the_t_star_noise_level(shared, tmp_path, monkeypatch):
+    _, dm = shared
+    abar = dm.get_denoiser().alphas_cumprod[dm.t_star - 1].double()
+    assert dm.certified_sigma == pytest.approx(float(((1 - abar) / abar).sqrt()) / 2, rel=1e-9)
+    assert dm.certified_sigma == pytest.approx(dm.cache.meta["sigma"], rel=1e-9)  # what the purification added
+    monkeypatch.setattr(SparseDenoiserBuilder, "train", lambda *a, **k: pytest.fail("trained"))
+    assert 0.02 < EclipseDataModule(small_digits(), model_dir=str(tmp_path)).certified_sigma < 0.03  # t*=100 of 4000
+    assert eclipse(tmp_path, diffusion=False).certified_sigma is None  # compensation noise alone: clamped
+
+
 def test_b_plus_c_ablation_trains_and_purifies_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(SparseDenoiserBuilder, "train", lambda *a, **k: pytest.fail("trained"))
     base = small_digits()

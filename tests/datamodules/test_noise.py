@@ -27,3 +27,7 @@ def test_gaussian_training_set_has_sigma_noise_and_clean_test_set():
 def test_sigma_must_be_positive():
     with pytest.raises(ValueError, match="sigma must be > 0"):
         GaussianNoiseDataModule(DigitsDataModule(), sigma=0.0)
+
+
+def test_certified_sigma_is_its_sigma():
+    assert GaussianNoiseDataModule(DigitsDataModule(), sigma=0.4, seed=2).certified_sigma == 0.4
