@@ -8,6 +8,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_defense.core import rng
+
+#: Purpose key of the training augmentation's streams (see :func:`augmentation_generator`).
+AUGMENT = 0xA06
+
+
+def augmentation_generator(seed: int, epoch: int, batch: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The crop/flip stream of one training batch, keyed by ``(seed, epoch, batch index, rank)``.
+
+    A function of the key alone: a fit resumed at epoch ``e`` draws what the uninterrupted fit drew there,
+    and every DDP rank draws its own.
+    """
+    return rng.generator(seed, AUGMENT, epoch, batch, rank, device=device)
+
 
 def random_crop_flip(x: Tensor, padding: int = 4, flip: bool = True, generator: Optional[torch.Generator] = None) -> Tensor:
     """Zero-pad by ``padding``, take a random crop of the original size per sample, and flip half.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import warnings
+from typing import Any, Optional, Sequence, Union
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,8 +14,9 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_defense.core.batch import unpack_batch
+from lightning_defense.core.collective import Collective
 from lightning_defense.core.recipe import paper_milestones, sgd_with_steps
-from lightning_defense.models.augment import random_crop_flip
+from lightning_defense.models.augment import augmentation_generator, random_crop_flip
 from lightning_defense.models.backbones import build_backbone
 
 
@@ -35,6 +38,10 @@ class ImageClassifier(L.LightningModule):
         crop_padding: Random-crop padding in pixels (0 disables cropping).
         flip: Random horizontal flips (off for digits, where a flip changes meaning).
         backbone_kwargs: Extra arguments for a named backbone.
+        augment_seed: Seed of the crop/flip streams, keyed by ``(seed, epoch, batch index, rank)``; None
+            draws one from the global RNG when training starts (so it follows ``seed_everything``), on rank 0
+            for all ranks. The seed in use is saved in checkpoints and wins on resume, so a resumed fit
+            augments as the uninterrupted one did.
 
     Example::
 
@@ -59,6 +66,7 @@ class ImageClassifier(L.LightningModule):
         crop_padding: int = 4,
         flip: bool = True,
         backbone_kwargs: Optional[dict] = None,
+        augment_seed: Optional[int] = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -77,6 +85,8 @@ class ImageClassifier(L.LightningModule):
         if (self.std <= 0).any():
             raise ValueError(f"std must be > 0; got {std}")
         self.train_acc, self.val_acc, self.test_acc = (MulticlassAccuracy(num_classes, average="micro") for _ in range(3))
+        self._augment_seed: Optional[int] = None  # the seed of this fit's crop/flip streams
+        self._resumed_augment_seed: Optional[int] = None  # the seed of the checkpoint being resumed
 
     @staticmethod
     def _per_channel(name: str, value, channels: int) -> Tensor:
@@ -94,9 +104,46 @@ class ImageClassifier(L.LightningModule):
         """Logits for un-normalised images in [0, 1]."""
         return self.backbone(self.normalize(x))
 
+    def _draw_augment_seed(self) -> int:
+        seed = self.hparams.get("augment_seed")
+        return int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+
+    def on_train_start(self) -> None:
+        """Fix this fit's augmentation seed: the resumed checkpoint's, else ``augment_seed``, else a draw."""
+        seed, self._resumed_augment_seed = self._resumed_augment_seed, None
+        if seed is None:
+            seed = self._draw_augment_seed()
+        self._augment_seed = Collective.of(self.trainer).broadcast(seed, 0)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._augment_seed is not None:
+            checkpoint["augment_seed"] = self._augment_seed
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is None or self._trainer.state.fn != TrainerFn.FITTING:
+            return  # loaded to evaluate, or to start a new fit from: no stream to continue
+        seed = checkpoint.get("augment_seed")
+        if seed is None and (self.hparams.crop_padding > 0 or self.hparams.flip):
+            warnings.warn("the checkpoint holds no augmentation seed (written before it was saved): a resumed fit "
+                          "augments with a new seed and is not the uninterrupted fit", UserWarning, stacklevel=2)
+        elif seed is not None and self.hparams.get("augment_seed") not in (None, seed):
+            warnings.warn(f"augment_seed={self.hparams.augment_seed} differs from the checkpoint's {seed}: a resumed "
+                          f"fit keeps the checkpoint's", UserWarning, stacklevel=2)
+        self._resumed_augment_seed = seed
+
+    def augment(self, x: Tensor, batch_idx: int) -> Tensor:
+        """Random crop and flip of a training batch, from the stream of ``(seed, epoch, batch_idx, rank)``."""
+        hp = self.hparams
+        if hp.crop_padding == 0 and not hp.flip:
+            return x
+        if self._augment_seed is None:  # training_step called outside a fit
+            self._augment_seed = self._draw_augment_seed()
+        generator = augmentation_generator(self._augment_seed, self.current_epoch, batch_idx, self.global_rank, x.device)
+        return random_crop_flip(x, hp.crop_padding, hp.flip, generator=generator)
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y, _ = unpack_batch(batch)
-        x = random_crop_flip(x, self.hparams.crop_padding, self.hparams.flip)
+        x = self.augment(x, batch_idx)
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         self.train_acc(logits, y)

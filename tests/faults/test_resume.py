@@ -24,9 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 EPOCHS, CRASH_EPOCH = 4, 2
 
 
-def tiny_digits() -> DigitsDataModule:
+def tiny_digits(num_workers: int = 0) -> DigitsDataModule:
     """180 training digits at 8x8, in batches of 32 (6 per epoch)."""
-    return DigitsDataModule(image_size=8, val_fraction=0.05, test_fraction=0.85, batch_size=32, seed=0)
+    return DigitsDataModule(image_size=8, val_fraction=0.05, test_fraction=0.85, batch_size=32, seed=0,
+                            num_workers=num_workers)
 
 
 def tiny_model() -> ImageClassifier:
@@ -64,17 +65,18 @@ def weights(model) -> torch.Tensor:
     return torch.cat([t.detach().flatten().float() for t in model.state_dict().values()])
 
 
-def test_a_killed_and_resumed_fit_ends_with_the_uninterrupted_weights(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 1])  # workers start drawing indices before Lightning's set_epoch
+def test_a_killed_and_resumed_fit_ends_with_the_uninterrupted_weights(tmp_path, num_workers):
     L.seed_everything(0)
     whole, whole_model = RecordBatches(), tiny_model()
     L.Trainer(callbacks=[whole], enable_checkpointing=False, **trainer_kwargs(tmp_path / "whole")).fit(
-        whole_model, datamodule=tiny_digits())
+        whole_model, datamodule=tiny_digits(num_workers))
 
     L.seed_everything(0)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     with pytest.raises(RuntimeError, match="simulated crash"):
         L.Trainer(callbacks=[checkpoint, CrashAt(CRASH_EPOCH)], **trainer_kwargs(tmp_path / "crashed")).fit(
-            tiny_model(), datamodule=tiny_digits())
+            tiny_model(), datamodule=tiny_digits(num_workers))
     last = tmp_path / "ckpt" / "last.ckpt"
     assert torch.load(last, weights_only=False)["epoch"] == CRASH_EPOCH - 1
 
@@ -82,7 +84,7 @@ def test_a_killed_and_resumed_fit_ends_with_the_uninterrupted_weights(tmp_path):
     torch.manual_seed(1234)  # the global RNG at resume differs from the uninterrupted run's at that epoch
     resumed, resumed_model = RecordBatches(), tiny_model()
     L.Trainer(callbacks=[resumed], enable_checkpointing=False, **trainer_kwargs(tmp_path / "resumed")).fit(
-        resumed_model, datamodule=tiny_digits(), ckpt_path=str(last))
+        resumed_model, datamodule=tiny_digits(num_workers), ckpt_path=str(last))
 
     later = [step for step in whole.steps if step[0] >= CRASH_EPOCH]
     assert len(later) == 6 * (EPOCHS - CRASH_EPOCH) and resumed.steps == later  # the same batches, in order
@@ -106,16 +108,20 @@ def test_a_rebuilt_training_loader_keeps_the_epoch_order(tmp_path):
     assert all(sorted(order) == sorted(orders[0]) for order in orders) and len({tuple(o) for o in orders}) == EPOCHS
 
 
-def test_two_process_ddp_resume_ends_with_the_uninterrupted_weights(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_two_process_ddp_resume_ends_with_the_uninterrupted_weights(tmp_path, num_workers):
+    """Lightning's DistributedSampler shuffles under DDP; the resumed fit must continue its epochs too."""
     script = Path(__file__).with_name("ddp_resume_script.py")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(num_workers)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     for rank in range(2):
         later = [step for step in result["whole"][rank] if step[0] >= CRASH_EPOCH]
         assert later and result["resumed"][rank] == later
+    for rank in range(2):
+        assert torch.equal(result["resumed_weights"][rank], result["whole_weights"][rank])
     data = tiny_digits()
     data.setup("fit")
     sampler = data.train_dataloader().sampler
@@ -124,8 +130,6 @@ def test_two_process_ddp_resume_ends_with_the_uninterrupted_weights(tmp_path):
         order = list(sampler)
         for rank in range(2):
             assert [i for e, idx in result["whole"][rank] if e == epoch for i in idx] == order[rank::2]
-    for rank in range(2):
-        assert torch.equal(result["resumed_weights"][rank], result["whole_weights"][rank])
 
 
 def _cli(*args):
