@@ -195,12 +195,16 @@ def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
     Raises:
         ValueError: If alpha is not in (0, 1), n < 1, or k is outside [0, n].
     """
+    _check_votes(k, n, alpha)
+    return float(_clopper_pearson_lower(k, n, alpha))
+
+
+def _check_votes(k: int, n: int, alpha: float) -> None:
     _check_alpha(alpha)
     if int(n) != n or n < 1:
         raise ValueError(f"n must be an integer >= 1 (number of votes), got {n!r}")
     if int(k) != k or not 0 <= k <= n:
         raise ValueError(f"k must be an integer in [0, n] = [0, {n}], got {k!r}")
-    return float(_clopper_pearson_lower(k, n, alpha))
 
 
 def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
@@ -219,11 +223,7 @@ def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
     Raises:
         ValueError: If alpha is not in (0, 1), n < 1, or k is outside [0, n].
     """
-    _check_alpha(alpha)
-    if int(n) != n or n < 1:
-        raise ValueError(f"n must be an integer >= 1 (number of votes), got {n!r}")
-    if int(k) != k or not 0 <= k <= n:
-        raise ValueError(f"k must be an integer in [0, n] = [0, {n}], got {k!r}")
+    _check_votes(k, n, alpha)
     return float(_clopper_pearson_upper(k, n, alpha))
 
 
