@@ -33,8 +33,11 @@ BatchNorm statistics and per-rank random augmentation (see
 
 A "clean" row (no attack) is trained per trial too: it gives each defense's clean accuracy and the
 reference accuracy from which an indiscriminate attack's success (the accuracy drop) is measured.
-Every (row, defense, trial) result is written atomically as soon as it is known, keyed by a fingerprint of
-all that determines it, so a rerun skips finished work.
+Every (row, defense, trial) result is written atomically as soon as it is known, with its SHA-256 beside it
+(a :class:`~lightning_defense.core.store.RecordStore` under ``output_dir/trials``) and keyed by a fingerprint
+of all that determines it, so a rerun skips finished work. A result that does not match its digest (a
+flipped digit, a truncated file), cannot be read, or was written for another configuration is reported
+by file name and its victim trained again; it is never used.
 """
 
 from __future__ import annotations
@@ -45,18 +48,23 @@ from typing import Any, Optional
 
 import lightning as L
 from lightning.fabric.utilities.rank_zero import _get_rank
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_defense.attacks.base import Attack, AttackGoal
 from lightning_defense.core.batch import dataset_tensors
 from lightning_defense.core.collective import Collective
 from lightning_defense.core.config import instantiate, resolve_class
-from lightning_defense.core.store import atomic_write, file_digest, fingerprint
+from lightning_defense.core.store import DIGEST_SUFFIX, CorruptStoreError, RecordStore, file_digest, fingerprint
 from lightning_defense.datamodules.importers import from_benchmark_pickles, from_npy
 from lightning_defense.datamodules.poison import PoisonSet, PoisonSetError
 from lightning_defense.evaluate.config import CLEAN_ROW, NO_DEFENSE, Defense, EvaluationConfig, Victim, fixed_goal
 from lightning_defense.evaluate.tables import markdown_table, summarise, write_tables
 from lightning_defense.evaluate.victims import attack_success, check_scorable, train_victim
+
+
+# The key of the store of results under output_dir/trials; each result carries the key of its own settings.
+RESULTS_KEY = {"records": "evaluate trial results", "version": 1}
 
 
 def trial_seed(seed: int, trial: int) -> int:
@@ -158,6 +166,7 @@ class Evaluation:
         self.specs = {spec["name"]: spec for spec in config.attacks}
         self.extractors: dict[str, tuple[str, str]] = {}  # attack -> (extractor file, its sha256)
         self.executed = 0  # victims trained by this run (the rest were resumed from disk)
+        self._results: Optional[RecordStore] = None
 
     @property
     def rank(self) -> int:
@@ -168,8 +177,34 @@ class Evaluation:
         c = self.config
         return {"data": c.data, "model": c.model, "trainer": c.trainer, "seed": c.seed}
 
-    def _result_path(self, row: str, defense: str, trial: int) -> Path:
-        return self.out / "trials" / row / defense / f"trial_{trial:04d}.json"
+    @property
+    def results(self) -> Optional[RecordStore]:
+        """The store of per-trial results (``output_dir/trials``); rank 0 creates it, the other ranks read it
+        once it is there (None before: then there is no result to resume)."""
+        if self._results is None and (self.rank == 0 or (self.out / "trials" / RecordStore.KEY_FILE).is_file()):
+            self._results = RecordStore(self.out / "trials", RESULTS_KEY)
+        return self._results
+
+    def _resumed(self, name: str, key: str) -> Optional[dict]:
+        """The stored result ``name`` when it is intact and has ``key``; otherwise None, with a warning naming
+        the file when one is there but damaged, unreadable, half written or of another configuration."""
+        store = self.results
+        if store is None:
+            return None
+        path = store.path(name)
+        if not path.is_file() and not path.with_name(path.name + DIGEST_SUFFIX).is_file():
+            return None  # not computed yet
+        try:
+            record = store.load_json(name)
+        except (FileNotFoundError, CorruptStoreError) as err:
+            rank_zero_warn(f"{err}; not using it: training that victim again")
+            return None
+        if not isinstance(record, dict) or record.get("key") != key:
+            found = record.get("key") if isinstance(record, dict) else None
+            rank_zero_warn(f"{path} holds the result of other settings (key {found!r}, expected {key!r}); "
+                           "training that victim again")
+            return None
+        return record
 
     def _shared_file(self, path: Path, is_valid, write) -> None:
         """Global rank 0 writes ``path`` when it is missing or stale; every rank then waits until it is there."""
@@ -239,11 +274,10 @@ class Evaluation:
             extractor, sha256 = self.extractors[row]
             extra = {"extractor_sha256": sha256}
         key = _key({**self._base_key(), "attack": spec, "defense": defense.__dict__, "trial_seed": seed, **extra})
-        path = self._result_path(row, defense.name, trial)
-        if path.is_file():
-            record = json.loads(path.read_text())
-            if record.get("key") == key:
-                return record
+        name = f"{row}/{defense.name}/trial_{trial:04d}.json"
+        resumed = self._resumed(name, key)
+        if resumed is not None:
+            return resumed
         model, data, accuracy = train_victim(self.config, defense, poisons, seed, self.out / "lightning",
                                              victim=victim, extractor=extractor)
         self._hold(model)
@@ -257,7 +291,7 @@ class Evaluation:
                 record["adversarial_label"] = int(poisons.adversarial_labels[0])
             record["num_poisons"] = len(poisons)
         if self.rank == 0:
-            atomic_write(path, json.dumps(record, indent=1))
+            self.results.save_json(name, record)
         return record
 
     def _hold(self, model: L.LightningModule) -> None:

@@ -25,11 +25,18 @@ from lightning_defense.datamodules.poisoned import PoisonedDataModule
 from lightning_defense.evaluate.config import Defense, EvaluationConfig, Victim
 from lightning_defense.models.classifier import ImageClassifier
 
+
 class _RankBatches(Sampler):
-    """Rank ``rank``'s share of every batch of ``batch_sampler`` (a strided slice; never empty)."""
+    """Rank ``rank``'s share of every batch of ``batch_sampler`` (a strided slice; never empty).
+
+    ``sampler`` is the wrapped batch sampler's sampler: Lightning calls ``set_epoch`` on
+    ``loader.batch_sampler.sampler`` when an epoch starts, so the shards shuffle in the fit's epoch order
+    (as the 1-process loader does).
+    """
 
     def __init__(self, batch_sampler, rank: int, world_size: int) -> None:
         self.batch_sampler, self.rank, self.world_size = batch_sampler, rank, world_size
+        self.sampler = getattr(batch_sampler, "sampler", None)
 
     def __iter__(self):
         for batch in self.batch_sampler:

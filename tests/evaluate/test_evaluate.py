@@ -361,6 +361,27 @@ def test_every_loader_the_strategy_processes_becomes_a_rank_shard():
     assert len(processed) == 2  # the strategy's own processing still runs first
 
 
+def test_a_rank_shard_lets_lightning_set_the_epoch_of_its_sampler():
+    """Lightning's ``set_epoch`` reaches the shuffling sampler through the shard, so every rank's share of an
+    epoch is cut from the 1-process loader's order of that epoch."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_defense.datamodules.base import EpochShuffle
+    from lightning_defense.evaluate import shard_loader
+
+    data = TensorDataset(torch.arange(10))
+    one = DataLoader(data, batch_size=4, sampler=EpochShuffle(data, seed=3))
+    shards = [shard_loader(DataLoader(data, batch_size=4, sampler=EpochShuffle(data, seed=3)), rank, 2)
+              for rank in range(2)]
+    for loader in (one, *shards):
+        _set_sampler_epoch(loader, 5)
+    assert all(shard.batch_sampler.sampler.epoch == 5 for shard in shards)
+    batches = [b[0].tolist() for b in one]  # epoch 5's order
+    for rank, shard in enumerate(shards):
+        assert [b[0].tolist() for b in shard] == [batch[rank::2] for batch in batches]
+
+
 def _ddp_config(tmp_path, name, devices):
     """One trial of URP at 8x8 with a BatchNorm-free, augmentation-free victim (see the DDP test), undefended
     and with warm start (1 epoch on the poisoned data, then Gaussian-noised data)."""
