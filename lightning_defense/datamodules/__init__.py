@@ -10,6 +10,7 @@ from lightning_defense.datamodules.deep_knn import DeepKNNFilterDataModule
 from lightning_defense.datamodules.diffusion_purified import DiffusionPurifiedDataModule
 from lightning_defense.datamodules.digits import DigitsDataModule, load_digits_tensors
 from lightning_defense.datamodules.eclipse import EclipseDataModule
+from lightning_defense.datamodules.fashion_mnist import FashionMNISTDataModule
 from lightning_defense.datamodules.image_folder import ImageFolderDataModule
 from lightning_defense.datamodules.importers import (
     UntrustedPickleError,
@@ -30,6 +31,7 @@ __all__ = [
     "DiffusionPurifiedDataModule",
     "DigitsDataModule",
     "EclipseDataModule",
+    "FashionMNISTDataModule",
     "GaussianNoiseDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
