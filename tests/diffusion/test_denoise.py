@@ -149,3 +149,24 @@ def test_learned_range_output_is_split_into_eps_and_v():
     assert torch.allclose(out, x0, atol=1e-4)
     with pytest.raises(ValueError, match="returned 3 channels for 1-channel images"):
         denoise_one_step(lambda x, t: torch.zeros(2, 3, 8, 8), x_t, 50, float(abar[50]))
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("inference_steps", [1000, 50])  # consecutive and strided timesteps
+def test_posterior_step_equals_diffusers_ddpm_step(variance_type, inference_steps):
+    """One reverse step, mean and variance, against diffusers' own DDPMScheduler.step (x0 given as the model output).
+
+    The reverse-process tests with an oracle model return x0 at the last step whatever came before; this
+    checks the posterior itself, at a step in the middle of the chain.
+    """
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="sample",
+                              clip_sample=False, variance_type=variance_type)
+    scheduler.set_timesteps(inference_steps)
+    t = int(scheduler.timesteps[len(scheduler.timesteps) // 2])
+    prev = int(scheduler.previous_timestep(t))
+    x0, x_t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8)
+    expected = scheduler.step(x0, t, x_t, generator=torch.Generator().manual_seed(7)).prev_sample
+    abar = scheduler.alphas_cumprod
+    mean, log_var = posterior(x0, x_t, float(abar[t]), float(abar[prev]), variance_type)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(mean + (0.5 * log_var).exp() * noise, expected, atol=1e-5)
