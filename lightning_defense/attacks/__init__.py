@@ -8,7 +8,11 @@ from lightning_defense.attacks.base import Attack, AttackGoal, apply_trigger, tr
 from lightning_defense.attacks.autoregressive import AutoregressivePerturbation
 from lightning_defense.attacks.error_minimizing import ErrorMinimizingNoise
 from lightning_defense.attacks.feature_collision import BullseyePolytope, PoisonFrogs
-from lightning_defense.attacks.linear_separable import ClasswiseLinearSeparablePerturbation, LinearSeparablePerturbation
+from lightning_defense.attacks.linear_separable import (
+    ClasswiseLinearSeparablePerturbation,
+    LinearSeparablePerturbation,
+    LSPNoiseControl,
+)
 from lightning_defense.attacks.metrics import AttackSuccessRate
 from lightning_defense.attacks.random_noise import UniversalRandomPerturbation
 from lightning_defense.attacks.sleeper_agent import SleeperAgent
@@ -21,6 +25,7 @@ __all__ = [
     "AutoregressivePerturbation",
     "BullseyePolytope",
     "ClasswiseLinearSeparablePerturbation",
+    "LSPNoiseControl",
     "ErrorMinimizingNoise",
     "GradientMatchingAttack",
     "LinearSeparablePerturbation",

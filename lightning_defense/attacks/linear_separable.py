@@ -105,6 +105,20 @@ class LinearSeparablePerturbation(IndiscriminateAttack):
         return scale_to_ball(_upsample(cells, self.patch_size, height, width), self.eps, self.norm)
 
 
+class LSPNoiseControl(LinearSeparablePerturbation):
+    """LSP's random-noise control: the same patch-wise, upsampled perturbation on the same L2 sphere, with
+    every sample's point drawn from one standard Gaussian, so that it carries no class structure.
+
+    An attack's success counts only against noise of the same budget and bound; this is that noise for
+    :class:`LinearSeparablePerturbation`.
+    """
+
+    name = "lsp_noise"
+
+    def points(self, labels: Tensor, dim: int, generator: torch.Generator) -> Tensor:
+        return torch.randn((len(labels), dim), generator=generator)
+
+
 class ClasswiseLinearSeparablePerturbation(IndiscriminateAttack):
     """A class-wise variant of LSP: one patch-wise constant colour pattern per class, on the eps-sphere.
 

@@ -11,6 +11,7 @@ from lightning_defense.attacks import (
     ClasswiseLinearSeparablePerturbation,
     ErrorMinimizingNoise,
     LinearSeparablePerturbation,
+    LSPNoiseControl,
     UniversalRandomPerturbation,
     train_surrogate,
 )
@@ -89,6 +90,22 @@ def test_lsp_gives_each_sample_its_own_linearly_separable_point():
     onehot = torch.nn.functional.one_hot(y, 10).double()
     weights = torch.linalg.lstsq(features[: n // 2], onehot[: n // 2]).solution
     assert ((features[n // 2:] @ weights).argmax(1) == y[n // 2:]).all()
+
+
+def test_lsp_noise_control_has_lsps_norm_and_patches_but_no_class_structure():
+    n, shape, eps = 2000, (3, 16, 16), 8 / 255 * math.sqrt(3 * 16 * 16)
+    x, y = torch.full((n, *shape), 0.5), torch.arange(n) % 10
+    poisons = LSPNoiseControl(eps=eps, patch_size=8).craft(x, y, seed=0)
+    delta = poisons.images - x
+    _, l2 = poisons.perturbation_norms(x)
+    assert torch.allclose(l2, torch.full((n,), eps, dtype=torch.float64), atol=1e-4)
+    cells = delta[:, :, ::8, ::8]
+    assert torch.equal(torch.nn.functional.interpolate(cells, scale_factor=8, mode="nearest"), delta)
+    # The same held-out linear classifier that separates LSP's classes is at chance here.
+    features = torch.cat([delta.flatten(1).double(), torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    onehot = torch.nn.functional.one_hot(y, 10).double()
+    weights = torch.linalg.lstsq(features[: n // 2], onehot[: n // 2]).solution
+    assert ((features[n // 2:] @ weights).argmax(1) == y[n // 2:]).double().mean() < 0.2
 
 
 def test_lsp_needs_a_hypercube_vertex_per_class(small_split):
