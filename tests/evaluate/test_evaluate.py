@@ -289,7 +289,8 @@ def test_evaluate_configs_build(path):
     from lightning_defense.cli.evaluate import evaluation_config
 
     evaluation = Evaluation(evaluation_config(["--config", str(path)]))
-    assert evaluation.attacks and len(evaluation.defenses) >= 2
+    configured = yaml.safe_load(path.read_text()).get("defenses") or []
+    assert evaluation.attacks and [d.name for d in evaluation.defenses] == ["none"] + [d["name"] for d in configured]
 
 
 def test_poison_command_is_seeded_and_reproducible(tmp_path, capsys):
