@@ -6,12 +6,14 @@
 * :mod:`~lightning_defense.core.rng`: keyed random streams (per sample, per model).
 * :mod:`~lightning_defense.core.recipe`: the papers' SGD recipe.
 * :mod:`~lightning_defense.core.config`: config class paths, resolved and type-checked before any call.
+* :mod:`~lightning_defense.core.pixels`: a user's batches and datasets seen as [0, 1] pixels, and back.
 * :mod:`~lightning_defense.core.seam`: the one place where the training loader is replaced during a fit.
 """
 
 from lightning_defense.core.batch import IndexedDataset, dataset_tensors, to_float_image, unpack_batch
 from lightning_defense.core.collective import Collective
 from lightning_defense.core.config import instantiate, resolve_class
+from lightning_defense.core.pixels import Layout, PixelSpace, PixelView
 from lightning_defense.core.recipe import paper_milestones, sgd_with_steps
 from lightning_defense.core.rng import generator, per_sample_normal, per_sample_uniform, seed_for
 from lightning_defense.core.seam import TrainingDataSeam
@@ -31,6 +33,9 @@ __all__ = [
     "Collective",
     "CorruptStoreError",
     "IndexedDataset",
+    "Layout",
+    "PixelSpace",
+    "PixelView",
     "RecordStore",
     "TrainingDataSeam",
     "atomic_write",

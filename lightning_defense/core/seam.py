@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from lightning_defense.core.pixels import PixelView
+
 DATASET, SAMPLER, SHARD = 0, 10, 20
 
 #: ``transform(loader, is_train) -> loader``
@@ -92,6 +94,7 @@ class TrainingDataSeam:
         self._swappable: Optional[SwappableDataset] = None
         self._training_set: Optional[Dataset] = None  # what the training loader reads after a swap
         self._train_loader_built = False
+        self.user_training_set: Optional[Dataset] = None  # the training loader's dataset as the user built it
         strategy = trainer.strategy
         process = strategy.process_dataloader
         strategy.process_dataloader = lambda dataloader: self._apply(process(dataloader))
@@ -103,6 +106,20 @@ class TrainingDataSeam:
             seam = cls(trainer)
             trainer._training_data_seam = seam
         return seam
+
+    def training_view(self, normalization: Any = None, image_key: Optional[str] = None,
+                      label_key: Optional[str] = None) -> PixelView:
+        """The :class:`~lightning_defense.core.pixels.PixelView` of the user's training set (once the training
+        loader is built): how a defense finds the images of a batch and maps them to [0, 1] pixels.
+
+        Raises:
+            RuntimeError: before the training loader exists, or when it reads no map-style dataset.
+        """
+        if self.user_training_set is None:
+            raise RuntimeError("the training loader is not built yet, or reads no map-style dataset: a defense that "
+                               "acts on pixels needs a torch DataLoader over a Dataset with __getitem__ and __len__")
+        return PixelView(self.user_training_set, normalization, owner=self.trainer.datamodule,
+                         image_key=image_key, label_key=label_key)
 
     def add(self, name: str, transform: LoaderTransform, priority: int) -> None:
         """Register (or replace) the transform ``name``; it runs on every loader the strategy processes."""
@@ -154,6 +171,8 @@ class TrainingDataSeam:
     def _apply(self, loader: Any) -> Any:
         is_train = bool(getattr(self.trainer, "training", False))
         self._train_loader_built |= is_train
+        if is_train and isinstance(getattr(loader, "dataset", None), Dataset):
+            self.user_training_set = loader.dataset
         for _, transform in sorted(self._transforms.values(), key=lambda item: item[0]):
             loader = transform(loader, is_train)
         return loader
