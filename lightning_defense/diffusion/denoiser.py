@@ -71,9 +71,22 @@ class Denoiser(nn.Module):
         return self.unet(x_t, t).sample
 
     def fingerprint(self) -> str:
-        """SHA-256 of the weights (names, shapes, dtypes, bytes) and the scheduler config: part of cache keys."""
+        """SHA-256 of the weights (names, shapes, dtypes, bytes) and the scheduler config: part of cache keys.
+
+        Computed once and reused while no weight is replaced or changed in place (tensor version counters).
+        """
+        state = self.unet.state_dict()
+        stamp = tuple((name, t.data_ptr(), t._version, t.device.type) for name, t in sorted(state.items()))
+        cached = getattr(self, "_fingerprint", None)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        value = self._hash(state)
+        self._fingerprint = (stamp, value)
+        return value
+
+    def _hash(self, state: dict) -> str:
         digest = hashlib.sha256()
-        for name, tensor in sorted(self.unet.state_dict().items()):
+        for name, tensor in sorted(state.items()):
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         for config in (self.unet.config, self.scheduler.config):  # "_name_or_path" etc. say nothing of the model
@@ -100,41 +113,106 @@ def load_denoiser(source: Union[str, Path, Denoiser], local_files_only: bool = F
     """
     if isinstance(source, Denoiser):
         return source
+    path = Path(source).expanduser()
+    local = _is_local(str(source), path)
+    if local and not path.is_dir():
+        raise FileNotFoundError(
+            f"denoiser directory {str(source)!r} does not exist (looked for {str(path.resolve())}). Put a "
+            "diffusers-format DDPM there: config.json + diffusion_pytorch_model.safetensors + scheduler_config.json "
+            "(or unet/ and scheduler/ subfolders), e.g. `lightning-defense train-denoiser --config ...` writes one, "
+            "or copy https://huggingface.co/google/ddpm-cifar10-32 there from a machine with network access"
+        )
+    key = (str(path.resolve()), _directory_stamp(path)) if local else (str(source), local_files_only)
+    if key not in _LOADED:
+        _LOADED.clear()  # one denoiser per process at a time: a run reuses it, a new source replaces it
+        _LOADED[key] = _load(str(source), path, local, local_files_only)
+    return _LOADED[key]
+
+
+#: The denoiser this process loaded last, by source (and, for a directory, its files' sizes and times).
+_LOADED: dict[tuple, "Denoiser"] = {}
+
+
+def _is_local(source: str, path: Path) -> bool:
+    """A directory rather than a hub id ``owner/name``: it exists, starts with . / ~, has another number of
+    parts than two, or its first part is an existing local directory (``weights/ddpm-cifar10-32``)."""
+    return (path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
+            or Path(source.split("/")[0]).is_dir())
+
+
+def _directory_stamp(path: Path) -> tuple:
+    return tuple(sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                        for f in path.rglob("*") if f.is_file()))
+
+
+def _hub_offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's host, instead of the hub client's retries (about 46 s offline)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load(source: str, path: Path, local: bool, local_files_only: bool) -> "Denoiser":
+    """Read the UNet and scheduler; for a hub id the local cache first, the network only if it is reachable."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    path = Path(source).expanduser()
-    looks_local = path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1
-    if looks_local and not path.is_dir():
-        raise FileNotFoundError(
-            f"denoiser directory {str(source)!r} does not exist. Put a diffusers-format DDPM there: "
-            "config.json + diffusion_pytorch_model.safetensors + scheduler_config.json (or unet/ and scheduler/ "
-            "subfolders), e.g. `lightning-defense train-denoiser --config ...` writes one, or download "
-            "https://huggingface.co/google/ddpm-cifar10-32 on a machine with network access"
-        )
-    if looks_local:
-        unet_sub = "unet" if (path / "unet").is_dir() else None
-    else:
-        unet_sub = _hub_subfolder(str(source), local_files_only)
-    sched_sub = "scheduler" if unet_sub == "unet" else None
-    try:
-        unet = UNet2DModel.from_pretrained(
-            str(path) if looks_local else str(source), subfolder=unet_sub, use_safetensors=True,
-            local_files_only=local_files_only,
-        )
+    def read(offline: bool) -> "Denoiser":
+        where = str(path) if local else source
+        unet_sub = ("unet" if (path / "unet").is_dir() else None) if local else _hub_subfolder(source, offline)
+        unet = UNet2DModel.from_pretrained(where, subfolder=unet_sub, use_safetensors=True, local_files_only=offline,
+                                           low_cpu_mem_usage=False)  # no `accelerate` warning: a DDPM is small
         scheduler = DDPMScheduler.from_pretrained(
-            str(path) if looks_local else str(source), subfolder=sched_sub, local_files_only=local_files_only
-        )
+            where, subfolder="scheduler" if unet_sub == "unet" else None, local_files_only=offline)
+        return Denoiser(unet, scheduler, source=source)
+
+    try:
+        if local:
+            return read(offline=local_files_only)
+        try:
+            return read(offline=True)  # a cached copy needs no network at all
+        except (OSError, EnvironmentError, ValueError):
+            if local_files_only or _hub_offline():
+                raise FileNotFoundError(
+                    f"the Hugging Face cache has no copy of {source!r} and hub access is off "
+                    f"({'local_files_only=True' if local_files_only else 'HF_HUB_OFFLINE=1'}). " + _FETCH_HINT.format(source)
+                ) from None
+            if not _hub_reachable():
+                raise FileNotFoundError(
+                    f"no network to reach the Hugging Face hub for {source!r}, and its cache has no copy. "
+                    f"If {source!r} was meant as a local directory, it does not exist. " + _FETCH_HINT.format(source)
+                ) from None
+            return read(offline=False)
     except (OSError, EnvironmentError, ValueError) as error:
-        where = f"directory {str(path)!r}" if looks_local else f"hub id {str(source)!r}"
+        if isinstance(error, FileNotFoundError) and str(error).startswith(("the Hugging Face cache", "no network")):
+            raise
+        where = f"directory {str(path)!r}" if local else f"hub id {source!r}"
         raise FileNotFoundError(
             f"could not load a diffusers DDPM from {where}: {error}\nIt needs config.json, "
             "diffusion_pytorch_model.safetensors (safetensors only; convert a .bin with "
             "`UNet2DModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)` on a trusted copy) "
-            "and scheduler_config.json, flat or in unet/ and scheduler/ subfolders. Without hub access, download "
-            f"https://huggingface.co/{source if not looks_local else 'google/ddpm-cifar10-32'} elsewhere and pass "
-            "its local directory instead."
+            "and scheduler_config.json, flat or in unet/ and scheduler/ subfolders."
         ) from error
-    return Denoiser(unet, scheduler, source=str(source))
+
+
+_FETCH_HINT = (
+    "Set the denoiser (e.g. the config's data.init_args.denoiser) to a local directory: on a machine with network "
+    "run `huggingface-cli download {0} --local-dir weights/{0}` (or `DDPMPipeline.from_pretrained('{0}')"
+    ".save_pretrained(dir, safe_serialization=True)`), copy that directory here and pass its path; a populated "
+    "Hugging Face cache also works, and HF_HUB_OFFLINE=1 then skips the network entirely"
+)
 
 
 def _hub_subfolder(repo_id: str, local_files_only: bool) -> Optional[str]:

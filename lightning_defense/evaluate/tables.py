@@ -14,7 +14,7 @@ from lightning_defense.core.store import atomic_write
 
 
 def summarise(records: list[dict]) -> list[dict]:
-    """Mean and standard error (std with ddof=1 over sqrt(T); 0 for one trial) per (attack, defense)."""
+    """Mean and standard error (std with ddof=1 over sqrt(T); None for one trial) per (attack, defense)."""
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         cells.setdefault((r["attack"], r["defense"]), []).append(r)
@@ -34,13 +34,15 @@ def _mean_se(values: list[float]) -> tuple[Optional[float], Optional[float]]:
         return None, None
     mean = sum(values) / len(values)
     if len(values) < 2:
-        return mean, 0.0
+        return mean, None  # one trial has no standard error
     var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
     return mean, math.sqrt(var / len(values))
 
 
 def _pct(mean: Optional[float], se: Optional[float]) -> str:
-    return "-" if mean is None else f"{100 * mean:.1f}±{100 * se:.1f}"
+    if mean is None:
+        return "-"
+    return f"{100 * mean:.1f}" if se is None else f"{100 * mean:.1f}±{100 * se:.1f}"
 
 
 def markdown_table(summary: list[dict]) -> str:
@@ -59,7 +61,8 @@ def markdown_table(summary: list[dict]) -> str:
         lines.append(f"| {attack} | {kind} | " + " | ".join(cells) + " |")
     trials = max((s["trials"] for s in summary), default=0)
     lines.append("")
-    lines.append(f"Cells: (clean test accuracy %) attack success %, mean ± standard error over {trials} trial(s). "
+    spread = f"mean ± standard error over {trials} trials" if trials > 1 else "one trial (no standard error)"
+    lines.append(f"Cells: (clean test accuracy %) attack success %, {spread}. "
                  "Success is the target→adversarial rate (targeted), the triggered→target rate (backdoor), "
                  "or the drop in test accuracy from the clean undefended model (indiscriminate).")
     return "\n".join(lines)

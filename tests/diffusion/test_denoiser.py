@@ -73,3 +73,46 @@ def test_shipped_digits_denoisers_remove_most_of_the_noise(asset, size):
     rmse = lambda x: float((x - images).pow(2).mean().sqrt())  # noqa: E731
     assert rmse(noisy) > 0.2  # the Gaussian noise the denoiser starts from
     assert rmse(denoised) < 0.5 * rmse(noisy)  # measured: 0.28x at 16x16, 0.44x at 8x8
+
+
+def test_mistyped_local_path_under_an_existing_directory_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(FileNotFoundError, match="denoiser directory 'weights/ddpm-cifar10-32' does not exist"):
+        load_denoiser("weights/ddpm-cifar10-32")
+
+
+def test_hub_id_offline_fails_fast_and_names_the_fix(tmp_path, monkeypatch):
+    import time
+
+    from lightning_defense.diffusion import denoiser as module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1") as error:
+        load_denoiser("google/ddpm-cifar10-32")
+    assert "local directory" in str(error.value) and time.monotonic() - start < 20
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(module, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(FileNotFoundError, match="no network to reach the Hugging Face hub"):
+        load_denoiser("google/ddpm-cifar10-32")
+
+
+def test_a_run_loads_and_fingerprints_the_denoiser_once(tmp_path, monkeypatch):
+    from lightning_defense.diffusion import denoiser as module
+
+    directory = save_tiny_ddpm(tmp_path / "m")
+    first = load_denoiser(directory)
+    assert load_denoiser(directory) is first  # the same source, unchanged on disk: no second read
+    calls = []
+    real = module.Denoiser._hash
+    monkeypatch.setattr(module.Denoiser, "_hash", lambda self, state: calls.append(1) or real(self, state))
+    key = first.fingerprint()
+    assert first.fingerprint() == key and len(calls) == 1
+    with torch.no_grad():
+        next(first.unet.parameters()).add_(1.0)  # weights changed in place: the fingerprint follows
+    assert first.fingerprint() != key and len(calls) == 2
+    save_tiny_ddpm(tmp_path / "m", seed=1)  # rewritten on disk: read again
+    assert load_denoiser(directory) is not first

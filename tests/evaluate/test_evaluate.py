@@ -508,3 +508,13 @@ def test_the_poison_command_applies_dotted_overrides(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"cannot apply --attack.init_args.eps.x=1: attack.init_args.eps is 0.1"):
         main(["poison", "--config", str(config), "--output", str(tmp_path / "p.safetensors"),
               "--attack.init_args.eps.x=1"])
+
+
+def test_the_table_shows_a_standard_error_only_where_there_is_one():
+    from lightning_defense.evaluate.tables import markdown_table, summarise
+
+    record = {"attack": "lsp", "kind": "indiscriminate", "defense": "none", "accuracy": 0.5, "success": 0.25}
+    one = markdown_table(summarise([{**record, "trial": 0}]))
+    assert "(50.0) 25.0 |" in one and "±" not in one.splitlines()[2] and "one trial" in one
+    two = markdown_table(summarise([{**record, "trial": 0}, {**record, "trial": 1, "success": 0.35}]))
+    assert "(50.0±0.0) 30.0±5.0" in two and "over 2 trials" in two
