@@ -43,6 +43,8 @@ by file name and its victim trained again; it is never used.
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -276,6 +278,7 @@ class Evaluation:
         key = _key({**self._base_key(), "attack": spec, "defense": defense.__dict__, "trial_seed": seed, **extra})
         name = f"{row}/{defense.name}/trial_{trial:04d}.json"
         resumed = self._resumed(name, key)
+        self.progress.start(f"trial {trial + 1}/{self.config.trials}: {row} / {defense.name}", resumed is not None)
         if resumed is not None:
             return resumed
         model, data, accuracy = train_victim(self.config, defense, poisons, seed, self.out / "lightning",
@@ -292,6 +295,7 @@ class Evaluation:
             record["num_poisons"] = len(poisons)
         if self.rank == 0:
             self.results.save_json(name, record)
+        self.progress.done()
         return record
 
     def _hold(self, model: L.LightningModule) -> None:
@@ -305,6 +309,7 @@ class Evaluation:
         c = self.config
         rows = list(self.attacks) if c.poison is None else [Path(c.poison).stem]
         records = []
+        self.progress = VictimProgress(c.trials * (1 + len(rows)) * len(self.defenses), enabled=self.rank == 0)
         for trial in range(c.trials):
             seed = trial_seed(c.seed, trial)
             base = instantiate(c.data, L.LightningDataModule, "data")
@@ -335,6 +340,36 @@ class Evaluation:
         if self.rank == 0:
             return summary, write_tables(summary, self.out)
         return summary, markdown_table(summary)
+
+
+class VictimProgress:
+    """One line per victim on stderr: which of how many, and an ETA from the victims trained so far."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total, self.enabled = total, enabled
+        self.seen = self.trained = 0
+        self.spent = 0.0
+        self._started: Optional[float] = None
+
+    def start(self, what: str, resumed: bool) -> None:
+        self.seen += 1
+        self._started = None if resumed else time.monotonic()
+        if not self.enabled:
+            return
+        left = self.total - self.seen + (0 if resumed else 1)
+        eta = f", ETA {_duration(self.spent / self.trained * left)}" if self.trained and not resumed else ""
+        state = "resumed from its record" if resumed else "training"
+        print(f"[victim {self.seen}/{self.total}] {what}: {state}{eta}", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self._started is not None:
+            self.spent += time.monotonic() - self._started
+            self.trained += 1
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
 
 
 def _attack_args(spec: dict) -> dict:

@@ -518,3 +518,20 @@ def test_the_table_shows_a_standard_error_only_where_there_is_one():
     assert "(50.0) 25.0 |" in one and "±" not in one.splitlines()[2] and "one trial" in one
     two = markdown_table(summarise([{**record, "trial": 0}, {**record, "trial": 1, "success": 0.35}]))
     assert "(50.0±0.0) 30.0±5.0" in two and "over 2 trials" in two
+
+
+def test_victim_progress_names_each_victim_and_an_eta(capsys, monkeypatch):
+    from lightning_defense.evaluate import protocol
+
+    clock = iter([0.0, 10.0, 10.0, 30.0])
+    monkeypatch.setattr(protocol.time, "monotonic", lambda: next(clock))
+    progress = protocol.VictimProgress(3)
+    progress.start("trial 1/1: clean / none", resumed=True)
+    progress.start("trial 1/1: lsp / none", resumed=False)
+    progress.done()
+    progress.start("trial 1/1: lsp / friends", resumed=False)
+    progress.done()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "[victim 1/3] trial 1/1: clean / none: resumed from its record"
+    assert lines[1] == "[victim 2/3] trial 1/1: lsp / none: training"
+    assert lines[2] == "[victim 3/3] trial 1/1: lsp / friends: training, ETA 0m10s"  # 10 s per trained victim, 1 left
