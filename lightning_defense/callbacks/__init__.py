@@ -1,8 +1,9 @@
 """Training-time defenses as Lightning callbacks; each works with any LightningModule.
 
-Every callback here acts on batches ``(images in [0,1], labels, indices)`` (see
-:mod:`lightning_defense.core.batch`), saves what a resumed run needs in its ``state_dict``
-and works under DDP.
+Every callback here acts on a user's own batches: ``(x, y)`` tuples, dicts or this package's
+``(images, labels, indices)`` triples, normalised or not, seen as [0, 1] pixels through
+:mod:`lightning_defense.core.pixels`. Each saves what a resumed run needs in its ``state_dict`` and works
+under DDP.
 """
 
 from lightning_defense.callbacks.adversarial_training import AdversarialTraining, pgd_attack

@@ -8,13 +8,14 @@ the survey's DP-SGD section), which limits what a few poisons can do. Hong et al
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_defense.core.collective import Collective
 from lightning_defense.core.rng import generator
@@ -33,7 +34,9 @@ class DPSGD(L.Callback):
     (``DistributedDPOptimizer`` under DDP, where the noise is added once, on rank 0, and the
     clipped-and-noised gradients are averaged over ranks). The privacy spent so far, epsilon at
     ``delta``, is logged as ``dp/epsilon`` after every epoch. It assumes one optimizer, automatic
-    optimisation, and a loss averaged over the batch.
+    optimisation, and a loss averaged over the batch. Batches may be ``(x, y)``, ``(x, y, index)`` or dicts, of
+    normalised or raw images: DP-SGD acts on gradients, not pixels. A Poisson batch may be empty; it keeps the
+    user's batch structure with zero samples (:class:`EmptyBatchCollate`).
 
     The random streams (the noise, the Poisson sampler and the loader's worker seeds) are made once per
     callback and saved in the checkpoint, every rank's: a fit resumed from an end-of-epoch checkpoint sees
@@ -190,6 +193,7 @@ class DPSGD(L.Callback):
             # Lightning makes more iterators when it rebuilds the loader. Their own stream keeps the batches
             # a function of (seed, rank, batches drawn) alone.
             dp_loader.generator = self._stream(_WORKERS, trainer, "cpu", trainer.global_rank, _WORKER_SEEDS)
+            dp_loader.collate_fn = EmptyBatchCollate(loader.collate_fn, loader.dataset)
             return dp_loader
 
         TrainingDataSeam.of(trainer).add("DPSGD", private_loader, SAMPLER)
@@ -268,6 +272,48 @@ class DPSGD(L.Callback):
         self._generators = {}
         self._saved_generators = list(state_dict.get("generators") or [])
         self._warned_new_streams = False
+
+
+class EmptyBatchCollate:
+    """``collate_fn`` for Poisson-sampled batches, some of which are empty: an empty batch has the structure of
+    the user's batches (tuple, dict, ...) with zero samples.
+
+    The structure is learnt from the first non-empty batch, or, when the very first batch is empty, from
+    ``dataset[0]`` (read with the global random state restored, so a random transform draws nothing). Opacus'
+    own wrapper builds such a first batch as a list of tensors shaped after ``dataset[0]``'s fields, which
+    breaks dict samples (a dict iterates over its keys).
+    """
+
+    def __init__(self, collate_fn: Callable, dataset: Dataset) -> None:
+        self.collate_fn, self.dataset = collate_fn, dataset
+        self._empty: Any = None
+
+    def __call__(self, samples: list) -> Any:
+        if samples:
+            batch = self.collate_fn(samples)
+            if self._empty is None:
+                self._empty = _no_samples(batch)
+            return batch
+        if self._empty is None:
+            with torch.random.fork_rng(devices=[]):
+                self._empty = _no_samples(self.collate_fn([self.dataset[0]]))
+        return self._empty
+
+def _no_samples(batch: Any) -> Any:
+    """``batch`` (of one sample) with zero samples: tensors cut to length 0 along the batch dimension."""
+    if isinstance(batch, Tensor):
+        return batch[:0].clone()
+    if isinstance(batch, Mapping):
+        return {key: _no_samples(value) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        if batch and all(isinstance(v, (str, bytes, int, float, bool)) for v in batch):
+            return type(batch)()  # per-sample values collated into a list (e.g. file names)
+        fields = [_no_samples(value) for value in batch]
+        return type(batch)(*fields) if hasattr(batch, "_fields") else type(batch)(fields)
+    raise TypeError(
+        f"DPSGD: an empty Poisson batch cannot be built for a batch field of type {type(batch).__name__}; the "
+        "collate_fn must return tensors, dicts, lists or tuples of them"
+    )
 
 
 def _secure_generator() -> torch.Generator:

@@ -3,7 +3,7 @@
 "Friendly Noise against Adversarial Noise: A Powerful Defense against Data Poisoning Attacks".
 Algorithm 1 finds, once, the largest per-sample perturbation ``eps_i`` within ``+-zeta`` that keeps the
 model's prediction (small KL divergence); Algorithm 2 then trains on ``x_i + eps_i + mu`` with fresh
-random noise ``mu`` at every iteration.
+random noise ``mu`` at every iteration, in [0, 1] pixel space, before augmentation and normalisation.
 """
 
 from __future__ import annotations
@@ -19,18 +19,21 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_defense.callbacks.modes import eval_mode
 from lightning_defense.core.batch import dataset_tensors, require_pixel_range, unpack_batch
 from lightning_defense.core.collective import Collective
+from lightning_defense.core.pixels import Normalization, PixelSpace, PixelView
 from lightning_defense.core.rng import generator, per_sample_uniform
+from lightning_defense.core.seam import DATASET, TrainingDataSeam, rebuild_loader
 from lightning_defense.core.store import ChunkCache, CorruptStoreError, atomic_write, fill_cache, fingerprint
 
 NOISE_TYPES = ("bernoulli", "uniform", "gaussian")
 _FILE_FORMAT = "friends-int8-v1"
 _LEVELS = 127  # int8 storage: friendly noise in units of zeta / 127
 _CODE_VERSION = "friends-chunks-v1"  # part of the cache key: bump when Algorithm 1's code changes its output
+_RANDOM_NOISE = 0xF1F  # purpose key of the per-sample random noise mu on the dataset path
 
 
 def friendly_noise_step_loss(model, x: Tensor, eps: Tensor, log_p_clean: Tensor, zeta: float, lam: float) -> Tensor:
@@ -98,6 +101,51 @@ def _quantize(eps: Tensor, zeta: float) -> Tensor:
     return torch.round(eps / zeta * _LEVELS).clamp_(-_LEVELS, _LEVELS).to(torch.int8)
 
 
+def _draw_noise(noise_type: str, mu: float, x: Tensor, stream: torch.Generator) -> Tensor:
+    """FRIENDS' random noise shaped like ``x``: +-mu (bernoulli), U[-mu, mu] (uniform) or N(0, mu^2) (gaussian)."""
+    if noise_type == "bernoulli":
+        signs = torch.rand(x.shape, generator=stream, device=x.device, dtype=x.dtype) < 0.5
+        return signs.to(x.dtype).mul_(2 * mu).sub_(mu)
+    if noise_type == "uniform":
+        return torch.rand(x.shape, generator=stream, device=x.device, dtype=x.dtype).mul_(2 * mu).sub_(mu)
+    return torch.randn(x.shape, generator=stream, device=x.device, dtype=x.dtype).mul_(mu)
+
+
+class FriendlyPixels(Dataset):
+    """A user's training set as FRIENDS trains on it: item i is ``(clamp(x_i + eps_i + mu_i, 0, 1), y_i, i)``.
+
+    ``x_i`` are sample i's un-augmented pixels (:meth:`PixelView.item_pixels`), ``eps_i`` its friendly noise
+    (``noise``, int8 in units of ``zeta / 127``, from ``begin_epoch`` on) and ``mu_i`` random noise from the
+    stream keyed by ``(seed, epoch, i)``: the same for a sample whatever the workers, order or ranks.
+    :meth:`PixelView.dress` then applies the user's augmentation and normalisation, after the noise.
+    """
+
+    def __init__(self, view: PixelView, zeta: float, noise_type: Optional[str], noise_eps: float, seed: int,
+                 begin_epoch: int) -> None:
+        self.view, self.zeta, self.noise_type, self.noise_eps = view, zeta, noise_type, noise_eps
+        self.seed, self.begin_epoch = seed, begin_epoch
+        self.noise: Optional[Tensor] = None
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, index: int):
+        pixels, label = self.view.item_pixels(index)
+        self.view.space.check(pixels, "FriendsNoise", "training image")
+        out = pixels
+        if self.noise is not None and self.epoch >= self.begin_epoch:
+            friendly = self.noise[index]
+            if friendly.shape != pixels.shape:
+                raise ValueError(f"friendly noise is shaped {tuple(friendly.shape)} per sample but the training images "
+                                 f"are {tuple(pixels.shape)}")
+            out = out + friendly.to(pixels.dtype) * (self.zeta / _LEVELS)
+        if self.noise_type is not None:
+            stream = generator(self.seed, self.epoch, index, _RANDOM_NOISE)
+            out = out + _draw_noise(self.noise_type, self.noise_eps, pixels, stream)
+        return out.clamp(0.0, 1.0), label, index
+
+
 class FriendsNoise(Callback):
     """FRIENDS (Liu et al., 2022): friendly noise from ``begin_epoch`` on, random noise throughout.
 
@@ -106,9 +154,8 @@ class FriendsNoise(Callback):
       training sample (Algorithm 1, :func:`generate_friendly_noise`) over the training set, without
       shuffling or augmentation. Under DDP the batches are split across the ranks and gathered, so every
       rank holds all of it, stored as int8 in units of ``zeta / 127``.
-    * From then on each batch gets its samples' friendly noise (looked up by index) plus fresh random
-      noise, in [0, 1] pixel space, clamped to [0, 1] (Algorithm 2). This happens in
-      ``on_train_batch_start``, before the model's augmentation and normalisation.
+    * From then on every sample gets its friendly noise plus fresh random noise, in [0, 1] pixel space,
+      clamped to [0, 1] (Algorithm 2), before augmentation and normalisation (the paper's order).
 
     Generation writes atomic int8 chunks of ``chunk_size`` samples into ``noise_dir/friends-<key>/`` (a
     manifest last), where the key hashes everything that determines the noise: the model's weights at
@@ -120,9 +167,27 @@ class FriendsNoise(Callback):
     resumed run reads it back instead of regenerating; :meth:`save` / ``noise_file`` move the noise to
     another run or architecture (the paper's transfer).
 
-    Batches must be ``(images, labels, indices)`` with un-normalised images in [0, 1] (anything else is a
-    clear error, not a silent clamp); the LightningModule's ``forward`` must take images in [0, 1] and
-    normalise them itself (``ImageClassifier(mean=..., std=...)`` does).
+    **Your own project.** Where the noise is added depends on the training set (seen through a
+    :class:`~lightning_defense.core.pixels.PixelView`):
+
+    * this package's own ``(image, label, index)`` items of pixels in [0, 1], with no transform: each
+      batch gets its noise in ``on_train_batch_start`` (looked up by index); the LightningModule augments
+      and normalises in ``training_step`` (``ImageClassifier(mean=..., std=...)`` does);
+    * anything else, e.g. ``(x, y)`` tuples or dicts, normalised by a torchvision ``Normalize`` or by a
+      ``normalization=(mean, std)`` given once, augmenting with ``RandomCrop``/``RandomHorizontalFlip`` in
+      the dataset's transform: the training loader is rebuilt (through the
+      :class:`~lightning_defense.core.seam.TrainingDataSeam`) over :class:`FriendlyPixels`, which adds the
+      noise to each sample's un-augmented pixels; the user's own random ops and ``Normalize`` follow. The
+      batches keep the user's layout and normalisation, so ``training_step`` stays as it is, and sample i's
+      friendly noise always lands on sample i, before its crop and flip. The generation reads the
+      un-augmented pixels and runs the model on them through the normalisation.
+
+    Data outside [0, 1] pixels is a clear error naming the fix, never clamped silently. **Limitations**:
+    augmentation done inside ``__getitem__`` outside a torchvision transform cannot be separated from the
+    image (the generation refuses a dataset whose items change between reads); on the dataset path the
+    loader may not use ``persistent_workers`` with workers, and friendly noise generated at the fit's
+    first epoch needs ``num_workers=0`` (or ``begin_epoch >= 1``): that epoch's workers start before it
+    exists.
 
     Args:
         begin_epoch: Epoch at whose start the friendly noise is generated (the paper's 5; 0 for a
@@ -145,9 +210,14 @@ class FriendsNoise(Callback):
             resumption and of the progress bar.
         regenerate_missing: On resume, when the checkpoint's side file is gone, generate new friendly noise
             with the resumed model instead of raising (the noise then differs from the original run's).
+        normalization: ``((mean, ...), (std, ...))`` the training images were normalised with, when no
+            torchvision ``Normalize`` in the dataset's transform or ``normalization`` attribute of the dataset
+            or datamodule says so.
+        image_key, label_key: Dict items: the keys of the image and the label (found by name otherwise).
 
     Raises:
-        ValueError: On an argument out of range or an unknown ``noise_type``.
+        ValueError: On an argument out of range or an unknown ``noise_type``; at the fit's start, on training
+            data whose pixel range cannot be told (naming the fix) or a loader the dataset path cannot serve.
         FileNotFoundError: At resume, when the checkpoint's friendly noise side file is missing (unless
             ``regenerate_missing``).
 
@@ -174,6 +244,9 @@ class FriendsNoise(Callback):
         noise_dir: Optional[Union[str, Path]] = None,
         chunk_size: int = 256,
         regenerate_missing: bool = False,
+        normalization: Optional[Normalization] = None,
+        image_key: Optional[str] = None,
+        label_key: Optional[str] = None,
     ) -> None:
         if not isinstance(begin_epoch, int) or begin_epoch < 0:
             raise ValueError(f"begin_epoch must be an integer >= 0; got {begin_epoch!r}")
@@ -212,6 +285,12 @@ class FriendsNoise(Callback):
         self.noise_dir = None if noise_dir is None else Path(noise_dir)
         self.chunk_size = math.ceil(chunk_size / batch_size) * batch_size  # batches never straddle two chunks
         self.regenerate_missing = bool(regenerate_missing)
+        PixelSpace.of(normalization)  # a malformed pair fails here, not at the fit
+        self.normalization = normalization
+        self.image_key, self.label_key = image_key, label_key
+        self._view: Optional[PixelView] = None  # the dataset path's view of the user's training set
+        self._pixels: Optional[FriendlyPixels] = None  # ... and the noisy pixels its training loader reads
+        self._first_loader = True
         self._noise: Optional[Tensor] = None  # int8 (N, C, H, W) on the CPU, units of zeta / 127
         self._source: Optional[dict[str, Any]] = None  # where the noise lives on disk: the checkpoint's reference
         self._noise_on_device: Optional[Tensor] = None
@@ -294,17 +373,21 @@ class FriendsNoise(Callback):
         noise = noise.contiguous()
         self._set_noise(noise, {"kind": "file", "path": str(Path(path).resolve()), "digest": fingerprint(noise)})
 
-    def noise_cache(self, pl_module: torch.nn.Module, images: Tensor, root: Union[str, Path]) -> ChunkCache:
+    def noise_cache(self, pl_module: torch.nn.Module, images: Tensor, root: Union[str, Path],
+                    space: Optional[PixelSpace] = None) -> ChunkCache:
         """The chunk cache of the friendly noise for this model and these training images; computes nothing.
 
         Its key hashes the code version, the images, the model's weights and buffers, zeta, steps, lr, lam,
-        init_eps, batch_size, seed and the chunk size.
+        init_eps, batch_size, seed, the chunk size and (when not the identity) the pixel space the model
+        reads its images through.
         """
         model_key = fingerprint(pl_module.state_dict())
         settings = {
             "zeta": self.zeta, "steps": self.steps, "lr": self.lr, "lam": self.lam, "init_eps": self.init_eps,
             "batch_size": self.batch_size, "seed": self.seed, "chunk_size": self.chunk_size,
         }
+        if space is not None and not space.identity:
+            settings["normalization"] = [list(space.mean), list(space.std)]
         key = fingerprint(_CODE_VERSION, images, model_key, settings)
         meta = {"code_version": _CODE_VERSION, "model": model_key, "key": key, **settings}
         return ChunkCache(
@@ -321,12 +404,52 @@ class FriendsNoise(Callback):
         self._source = source  # None: no side file, so state_dict embeds the tensor
 
     # ---------------------------------------------------------------- hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._view, self._pixels, self._first_loader = None, None, True
+        TrainingDataSeam.of(trainer).add(
+            "FriendsNoise", lambda loader, is_train: self._training_loader(trainer, loader, is_train), DATASET)
+
+    def _training_loader(self, trainer: L.Trainer, loader: Any, is_train: bool) -> Any:
+        """The seam transform: the user's own training loader for native data, else one over :class:`FriendlyPixels`."""
+        if not is_train or not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+            return loader
+        first, self._first_loader = self._first_loader, False
+        view = PixelView(loader.dataset, self.normalization, owner=trainer.datamodule, image_key=self.image_key,
+                         label_key=self.label_key)
+        if view.native:
+            return loader  # the batch path, in on_train_batch_start
+        epoch = trainer.fit_loop.epoch_progress.current.processed
+        if loader.num_workers > 0 and loader.persistent_workers:
+            raise ValueError(
+                f"FriendsNoise adds its noise in the training set, whose epoch and friendly noise reach DataLoader "
+                f"workers when they start; the training loader has persistent_workers=True with "
+                f"num_workers={loader.num_workers}, so they would keep a stale copy. Build it with "
+                "persistent_workers=False"
+            )
+        if first and loader.num_workers > 0 and self._noise is None and epoch >= self.begin_epoch:
+            raise ValueError(
+                f"FriendsNoise(begin_epoch={self.begin_epoch}) would generate the friendly noise at the fit's first "
+                f"epoch ({epoch}), whose DataLoader workers (num_workers={loader.num_workers}) start before it exists "
+                "and would train that epoch without it. Use num_workers=0 in the training loader, or begin_epoch >= "
+                f"{epoch + 1} (the paper trains 5 epochs with random noise only), or pass a noise_file"
+            )
+        if len(view):
+            view.space.check(view.item_pixels(0)[0], "FriendsNoise", "training image")
+        pixels = FriendlyPixels(view, self.zeta, self.noise_type, self.noise_eps, self.seed, self.begin_epoch)
+        pixels.epoch, pixels.noise = epoch, self._noise
+        self._view, self._pixels = view, pixels
+        return rebuild_loader(loader, dataset=view.dress(pixels))
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         self._generator = None  # reseeded lazily on the batch's device from (seed, epoch, rank)
+        if self._pixels is not None:
+            self._pixels.epoch = epoch  # reaches workers started from now on (epochs after the fit's first)
         if epoch < self.begin_epoch:
             return
-        dataset = _train_dataset(trainer)
+        dataset = _train_dataset(trainer) if self._pixels is None else self._view
         if self._noise is None:
             self._generate(trainer, pl_module, dataset)
             if self.save_file is not None:
@@ -338,8 +461,12 @@ class FriendsNoise(Callback):
                 f"FriendsNoise holds friendly noise for {len(self._noise)} samples but the training set has "
                 f"{len(dataset)}; the noise must come from this training set (noise_file / checkpoint mismatch)"
             )
+        if self._pixels is not None:
+            self._pixels.noise = self._noise
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pixels is not None:
+            return  # the dataset path: the noise is in the samples already
         x, _, indices = unpack_batch(batch)
         if indices is None:
             raise ValueError(
@@ -376,18 +503,15 @@ class FriendsNoise(Callback):
     def _random_noise(self, x: Tensor, trainer: L.Trainer) -> Tensor:
         if self._generator is None or self._generator.device != x.device:
             self._generator = generator(self.seed, trainer.current_epoch, trainer.global_rank, device=x.device)
-        mu = self.noise_eps
-        if self.noise_type == "bernoulli":
-            signs = torch.rand(x.shape, generator=self._generator, device=x.device, dtype=x.dtype) < 0.5
-            return signs.to(x.dtype).mul_(2 * mu).sub_(mu)
-        if self.noise_type == "uniform":
-            return torch.rand(x.shape, generator=self._generator, device=x.device, dtype=x.dtype).mul_(2 * mu).sub_(mu)
-        return torch.randn(x.shape, generator=self._generator, device=x.device, dtype=x.dtype).mul_(mu)
+        return _draw_noise(self.noise_type, self.noise_eps, x, self._generator)
 
-    def _generate(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset: Optional[Dataset]) -> Tensor:
+    def _generate(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                  dataset: Union[Dataset, PixelView, None]) -> Tensor:
         """Run Algorithm 1 over the training set into the chunk cache (resuming it); hold and return the int8 noise.
 
-        Every rank computes every ``world_size``-th missing chunk, global rank 0 writes them (see
+        ``dataset`` is the native training set, or the :class:`PixelView` of a user's: its un-augmented pixels,
+        with the model reading them through the user's normalisation. Every rank computes every
+        ``world_size``-th missing chunk, global rank 0 writes them (see
         :func:`~lightning_defense.core.store.fill_cache`), then every rank reads the whole cache.
         """
         if dataset is None:
@@ -395,11 +519,15 @@ class FriendsNoise(Callback):
                 "FriendsNoise could not find the training set: give the datamodule a train_set attribute "
                 "or train from a DataLoader whose .dataset yields (image, label, index)"
             )
-        images = dataset_tensors(dataset)[0]
-        require_pixel_range(images, "FriendsNoise", "training set")
+        if isinstance(dataset, PixelView):
+            images, space = dataset.tensors("FriendsNoise")[0], dataset.space
+        else:
+            images, space = dataset_tensors(dataset)[0], PixelSpace()
+            require_pixel_range(images, "FriendsNoise", "training set")
+        model = space.model(pl_module)
         Collective.of(trainer).share_rank_zero_weights(pl_module)
         root = self.noise_dir if self.noise_dir is not None else Path(trainer.default_root_dir) / "friendly_noise"
-        cache = self.noise_cache(pl_module, images, root)
+        cache = self.noise_cache(pl_module, images, root, space)
         key = Collective.of(trainer).broadcast(cache.meta["key"], src=0)
         if key != cache.meta["key"]:
             raise RuntimeError(
@@ -417,7 +545,7 @@ class FriendsNoise(Callback):
         # in eval mode; afterwards every submodule gets its own mode back (a LinearProbe's extractor stays in eval).
         # Every rank calls fill_cache (it follows rank 0's view of the disk); a no-op but a barrier when complete.
         with eval_mode(pl_module):
-            fill_cache(cache, lambda start, stop: self._friendly_range(pl_module, images, start, stop),
+            fill_cache(cache, lambda start, stop: self._friendly_range(model, images, start, stop),
                        desc="FRIENDS friendly noise", collective=Collective.of(trainer))
         if not cache.is_complete():
             raise RuntimeError(
@@ -431,14 +559,18 @@ class FriendsNoise(Callback):
         })
         return noise
 
-    def _friendly_range(self, pl_module: torch.nn.Module, images: Tensor, start: int, stop: int) -> np.ndarray:
-        """Friendly noise of samples ``[start, stop)`` as int8, in batches aligned to ``batch_size``."""
+    def _friendly_range(self, model: torch.nn.Module, images: Tensor, start: int, stop: int) -> np.ndarray:
+        """Friendly noise of samples ``[start, stop)`` as int8, in batches aligned to ``batch_size``; ``model``
+        maps [0, 1] pixels to logits."""
+        device = getattr(model, "device", None)  # a LightningModule's; a pixel-space wrapper's parameters'
+        if device is None:
+            device = next(model.parameters()).device
         out = []
         for first in range(start, stop, self.batch_size):
             last = min(first + self.batch_size, stop)
-            x = images[first:last].to(pl_module.device, torch.float32)
+            x = images[first:last].to(device, torch.float32)
             eps = generate_friendly_noise(
-                pl_module, x, torch.arange(first, last), zeta=self.zeta, steps=self.steps, lr=self.lr, lam=self.lam,
+                model, x, torch.arange(first, last), zeta=self.zeta, steps=self.steps, lr=self.lr, lam=self.lam,
                 init_eps=self.init_eps, seed=self.seed, loss_scale=float(self.batch_size),
             )
             out.append(_quantize(eps, self.zeta).cpu().numpy())
