@@ -24,6 +24,8 @@ class AutoregressivePerturbation(IndiscriminateAttack):
         budget: Fraction of the training set perturbed (1.0 in the paper).
         window: Side of the AR window (3 in the paper: 8 coefficients per channel).
         progress: Show a progress bar over the rows being generated.
+        device: Where the perturbations are computed (``"auto"``, ``"cpu"``, ``"cuda[:i]"``, ``"mps"``); the random
+            draws stay on the CPU, so the poisons are the same bytes on every device up to float rounding.
 
     Raises:
         ValueError: If ``window`` < 2.
@@ -35,8 +37,9 @@ class AutoregressivePerturbation(IndiscriminateAttack):
 
     name = "ar"
 
-    def __init__(self, eps: float, norm: str = "l2", budget: float = 1.0, window: int = 3, progress: bool = True) -> None:
-        super().__init__(eps, norm, budget, progress)
+    def __init__(self, eps: float, norm: str = "l2", budget: float = 1.0, window: int = 3, progress: bool = True,
+                 device: str = "auto") -> None:
+        super().__init__(eps, norm, budget, progress, device)
         if not isinstance(window, int) or window < 2:
             raise ValueError(f"window must be an int >= 2; got {window!r}")
         self.window = window
@@ -49,9 +52,10 @@ class AutoregressivePerturbation(IndiscriminateAttack):
     def perturbation(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
         n, channels, height, width = images.shape
         k = self.window
-        beta = self.filters(int(labels.max()) + 1, channels, generator)[labels]  # (n, C, k*k-1)
+        # Drawn on the CPU (the keyed stream), then generated on the attack's device.
+        beta = self.filters(int(labels.max()) + 1, channels, generator)[labels.cpu()].to(images.device)  # (n, C, k*k-1)
         # Generate on a canvas with k-1 extra rows/columns of noise that start the process.
-        canvas = torch.randn((n, channels, height + k - 1, width + k - 1), generator=generator)
+        canvas = torch.randn((n, channels, height + k - 1, width + k - 1), generator=generator).to(images.device)
         with self._bar(height, "AR rows") as bar:
             for i in range(k - 1, height + k - 1):
                 for j in range(k - 1, width + k - 1):

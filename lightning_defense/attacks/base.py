@@ -4,19 +4,25 @@ Every attack is a small class whose constructor takes the threat model (``eps``,
 its own hyper-parameters, and whose :meth:`Attack.craft` turns a clean training split into a
 :class:`~lightning_defense.datamodules.PoisonSet`. Crafting is seeded: the same inputs and seed give the
 same poisons.
+
+Every stage that computes on a model (surrogate training, crafting, feature extractors) runs on the device
+that :func:`~lightning_defense.core.device.resolve_device` gives for the attack's ``device`` setting, under
+a stage name such as ``"witches_brew.surrogate"``. Random draws use CPU generators (then move), so a seed
+names the same stream on every device, and the returned :class:`PoisonSet` holds CPU tensors.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lightning_defense.core.device import DeviceLike, autocast, check_device, check_precision, resolve_device
 from lightning_defense.core.recipe import sgd_with_steps
 from lightning_defense.datamodules.poison import NORMS, PoisonSet
 from lightning_defense.models.augment import random_crop_flip
@@ -48,15 +54,26 @@ class Attack:
         norm: ``"linf"`` or ``"l2"``.
         budget: Fraction of the training split the attacker may perturb, in (0, 1].
         progress: Show a tqdm progress bar while crafting.
+        device: Where the attack computes: ``"auto"`` (the GPU of :attr:`collective`'s rank, else the current
+            GPU, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:<i>"`` or ``"mps"``; see
+            :func:`~lightning_defense.core.device.resolve_device`.
+        precision: ``"32"``, or ``"bf16"``: bfloat16 autocast of the forward passes of surrogate training
+            on a CUDA GPU (crafting itself stays in float32).
+
+    Attributes:
+        collective: The ``Trainer``/``Fabric``/:class:`~lightning_defense.core.Collective` whose rank's GPU
+            ``device="auto"`` follows (None: the current GPU); :func:`~lightning_defense.evaluate.evaluate`
+            sets it.
 
     Raises:
-        ValueError: On an eps, norm or budget outside the accepted range.
+        ValueError: On an eps, norm, budget, device or precision outside the accepted range.
     """
 
     kind: str = "indiscriminate"
     name: str = "attack"
 
-    def __init__(self, eps: float, norm: str = "linf", budget: float = 1.0, progress: bool = True) -> None:
+    def __init__(self, eps: float, norm: str = "linf", budget: float = 1.0, progress: bool = True,
+                 device: str = "auto", precision: str = "32") -> None:
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps must be a number > 0 in [0, 1] pixel units (e.g. 16/255); got {eps!r}")
         if norm not in NORMS:
@@ -67,6 +84,23 @@ class Attack:
         self.norm = norm
         self.budget = float(budget)
         self.progress = progress
+        self.device = device
+        self.precision = check_precision(precision)
+        self.collective: Any = None
+
+    @property
+    def device(self) -> DeviceLike:
+        """The device setting (checked when set; resolved per stage by :meth:`stage_device`)."""
+        return self._device
+
+    @device.setter
+    def device(self, value: DeviceLike) -> None:
+        self._device = check_device(value, f"{type(self).__name__} device")
+
+    def stage_device(self, stage: str) -> torch.device:
+        """The device of ``stage`` of this attack (recorded as ``"<name>.<stage>"``)."""
+        return resolve_device(self.device, self.collective, stage=f"{self.name}.{stage}",
+                              what=f"{type(self).__name__} device")
 
     # -- the interface -------------------------------------------------------------------------------
     def craft(self, images: Tensor, labels: Tensor, *, goal: Optional[AttackGoal] = None, seed: int = 0) -> PoisonSet:
@@ -156,9 +190,13 @@ def budget_count(budget: float, n: int) -> int:
 
 
 def poison_set(indices: Tensor, images: Tensor, labels: Tensor, attack: Attack, **fields) -> PoisonSet:
-    """A PoisonSet of ``images[indices] + delta`` already computed; a thin constructor with the attack's bound."""
-    return PoisonSet(indices.long(), images.detach().float().contiguous(), labels.long(), attack.norm, attack.eps,
-                     kind=attack.kind, **fields)
+    """A PoisonSet of ``images[indices] + delta`` already computed; a thin constructor with the attack's bound.
+
+    Tensors computed on an accelerator come back to the CPU.
+    """
+    fields = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in fields.items()}
+    return PoisonSet(indices.long().cpu(), images.detach().float().cpu().contiguous(), labels.long().cpu(), attack.norm,
+                     attack.eps, kind=attack.kind, **fields)
 
 
 def train_surrogate(
@@ -175,17 +213,28 @@ def train_surrogate(
     seed: int = 0,
     progress: bool = False,
     desc: str = "surrogate",
+    device: DeviceLike = "auto",
+    precision: str = "32",
+    stage: str = "surrogate",
+    collective: Any = None,
 ) -> ImageClassifier:
     """Train an :class:`ImageClassifier` on clean data with a plain loop (the attacker's model).
 
     SGD with Nesterov momentum and the papers' x0.1 steps at 3/8, 5/8 and 7/8 of training. Returns the
-    model in eval mode with gradients off for its parameters' ``requires_grad`` left on.
+    model in eval mode (its parameters' ``requires_grad`` left on), on the device that ``device`` resolves
+    to (recorded as ``stage``; ``"auto"`` follows ``collective``'s rank; see
+    :func:`~lightning_defense.core.device.resolve_device`). The weights are
+    initialised and the batches and augmentation drawn on the CPU, so the seed means the same on every
+    device. ``precision="bf16"`` runs the forward passes under bfloat16 autocast on a CUDA GPU.
     """
+    target = resolve_device(device, collective, stage=stage)
+    precision = check_precision(precision)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     num_classes = int(labels.max()) + 1
     model = ImageClassifier(backbone, num_classes=max(num_classes, 2), in_chans=images.shape[1],
-                            backbone_kwargs=backbone_kwargs)
+                            backbone_kwargs=backbone_kwargs).to(target)
+    images, labels = images.to(target), labels.to(target)
     optimizer, scheduler = sgd_with_steps(model.parameters(), epochs * math.ceil(len(images) / batch_size), lr=lr)
     model.train()
     with tqdm(total=epochs, desc=desc, disable=not progress, leave=False) as bar:
@@ -194,7 +243,8 @@ def train_surrogate(
             for start in range(0, len(images), batch_size):
                 batch = order[start:start + batch_size]
                 x = random_crop_flip(images[batch], crop_padding, flip, generator=generator)
-                loss = F.cross_entropy(model(x), labels[batch])
+                with autocast(target, precision):
+                    loss = F.cross_entropy(model(x), labels[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -214,17 +264,22 @@ class IndiscriminateAttack(Attack):
 
     def craft(self, images: Tensor, labels: Tensor, *, goal: Optional[AttackGoal] = None, seed: int = 0) -> PoisonSet:
         check_split(images, labels)
+        device = self.stage_device("craft")
         generator = torch.Generator().manual_seed(int(seed))
         n = len(images)
         indices = torch.arange(n) if self.budget >= 1 else budget_indices(
             torch.arange(n), budget_count(self.budget, n), generator, "training samples")
-        clean = images[indices].float()
-        delta = self.perturbation(clean, labels[indices], generator)
+        clean = images[indices].float().to(device)
+        delta = self.perturbation(clean, labels[indices].to(device), generator).to(device)
         poisoned = clean + project(delta, clean, self.eps, self.norm)
         return poison_set(indices, poisoned, labels[indices], self, metadata=self._metadata(seed))
 
     def perturbation(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
-        """The raw perturbation of each image (projected afterwards)."""
+        """The raw perturbation of each image (projected afterwards).
+
+        ``images`` and ``labels`` are on the attack's device; ``generator`` is a CPU generator (draw on the
+        CPU, then move to ``images.device``).
+        """
         raise NotImplementedError
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_defense.attacks.base import AttackGoal, IndiscriminateAttack, check_split, project
+from lightning_defense.core.device import autocast
 from lightning_defense.datamodules.poison import PoisonSet
 from lightning_defense.models.augment import random_crop_flip
 from lightning_defense.models.classifier import ImageClassifier
@@ -37,6 +38,10 @@ class ErrorMinimizingNoise(IndiscriminateAttack):
         lr: SGD learning rate of the crafting model.
         batch_size: Batch size of both steps.
         progress: Show a progress bar over the rounds.
+        device: Where the crafting model and the noise are computed (``"auto"``, ``"cpu"``, ``"cuda[:i]"``,
+            ``"mps"``); see :func:`~lightning_defense.core.device.resolve_device`.
+        precision: ``"32"``, or ``"bf16"``: bfloat16 autocast of the crafting model's training steps on a
+            CUDA GPU (the error-minimising PGD steps stay in float32).
 
     Example::
 
@@ -48,8 +53,8 @@ class ErrorMinimizingNoise(IndiscriminateAttack):
     def __init__(self, eps: float, norm: str = "linf", budget: float = 1.0, backbone: str = "small_cnn",
                  backbone_kwargs: Optional[dict] = None, train_steps: int = 10, perturb_steps: int = 20,
                  step_size: float = 0.1, max_rounds: int = 20, stop_accuracy: float = 0.99, lr: float = 0.1,
-                 batch_size: int = 128, progress: bool = True) -> None:
-        super().__init__(eps, norm, budget, progress)
+                 batch_size: int = 128, progress: bool = True, device: str = "auto", precision: str = "32") -> None:
+        super().__init__(eps, norm, budget, progress, device, precision)
         for name, value in (("train_steps", train_steps), ("perturb_steps", perturb_steps), ("max_rounds", max_rounds),
                             ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
@@ -70,10 +75,12 @@ class ErrorMinimizingNoise(IndiscriminateAttack):
         return super().craft(images, labels, goal=goal, seed=seed)
 
     def perturbation(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
-        model = self._model
+        device = images.device  # the attack's device (IndiscriminateAttack.craft put the split there)
+        model = self._model.to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
         n, step = len(images), self.step_size * self.eps
-        delta = project((torch.rand(images.shape, generator=generator) * 2 - 1) * self.eps, images, self.eps, self.norm)
+        start = (torch.rand(images.shape, generator=generator) * 2 - 1).to(device)  # the keyed CPU stream
+        delta = project(start * self.eps, images, self.eps, self.norm)
         cursor, order = 0, torch.randperm(n, generator=generator)
         with self._bar(self.max_rounds, "min-min rounds") as bar:
             for _ in range(self.max_rounds):
@@ -84,7 +91,8 @@ class ErrorMinimizingNoise(IndiscriminateAttack):
                     batch = order[cursor:cursor + self.batch_size]
                     cursor += self.batch_size
                     x = random_crop_flip(images[batch] + delta[batch], 2, False, generator=generator)
-                    loss = F.cross_entropy(model(x), labels[batch])
+                    with autocast(device, self.precision):
+                        loss = F.cross_entropy(model(x), labels[batch])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

@@ -49,6 +49,7 @@ from lightning_defense.attacks.base import (
     train_surrogate,
 )
 from lightning_defense.datamodules.poison import PoisonSet
+from lightning_defense.core.device import DeviceLike, resolve_device
 from lightning_defense.core.store import atomic_write
 from lightning_defense.models.backbones import load_backbone
 from lightning_defense.models.classifier import ImageClassifier
@@ -65,7 +66,7 @@ def fit_linear_head(features: Tensor, labels: Tensor, num_classes: int, *, steps
 
     Features are standardised (per dimension, over ``features``) for the descent and the scaling is folded
     back into the returned layer, so ``head(features)`` gives the logits. Deterministic: zero start,
-    full batch, heavy-ball momentum 0.9.
+    full batch, heavy-ball momentum 0.9. Runs on ``features``' device, where the head is returned.
 
     Args:
         features: ``(N, D)`` features of the (poisoned) training set.
@@ -85,8 +86,9 @@ def fit_linear_head(features: Tensor, labels: Tensor, num_classes: int, *, steps
     features = features.detach().float()
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     z = (features - mean) / std
-    weight = torch.zeros(features.shape[1], num_classes, requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
+    labels = labels.to(features.device)
+    weight = torch.zeros(features.shape[1], num_classes, device=features.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=features.device, requires_grad=True)
     optimizer = torch.optim.SGD([weight, bias], lr=lr, momentum=0.9)
     with torch.enable_grad():
         for _ in range(steps):
@@ -94,7 +96,7 @@ def fit_linear_head(features: Tensor, labels: Tensor, num_classes: int, *, steps
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    head = nn.Linear(features.shape[1], num_classes)
+    head = nn.Linear(features.shape[1], num_classes).to(features.device)
     with torch.no_grad():
         scaled = weight / std[:, None]
         head.weight.copy_(scaled.T)
@@ -103,13 +105,17 @@ def fit_linear_head(features: Tensor, labels: Tensor, num_classes: int, *, steps
 
 
 def load_extractor(path: Union[str, Path], backbone: str = "small_cnn", backbone_kwargs: Optional[dict] = None, *,
-                   num_classes: int, in_chans: int) -> ImageClassifier:
-    """An :class:`ImageClassifier` whose backbone is read from a ``.safetensors`` state dict (never unpickled)."""
+                   num_classes: int, in_chans: int, device: DeviceLike = "auto", stage: str = "extractor",
+                   collective=None) -> ImageClassifier:
+    """An :class:`ImageClassifier` whose backbone is read from a ``.safetensors`` state dict (never unpickled),
+    on the device ``device`` resolves to (recorded as ``stage``; see
+    :func:`~lightning_defense.core.device.resolve_device`)."""
     from safetensors.torch import load_file
 
+    target = resolve_device(device, collective, stage=stage)
     model = ImageClassifier(backbone, num_classes=num_classes, in_chans=in_chans, backbone_kwargs=backbone_kwargs)
     load_backbone(model.backbone, load_file(str(path)), reset_head=False, source=f"extractor_path {str(path)!r}")
-    return model.eval()
+    return model.to(target).eval()
 
 
 class FeatureCollisionAttack(Attack):
@@ -136,6 +142,11 @@ class FeatureCollisionAttack(Attack):
             :meth:`save_extractor` writes it), loaded into ``backbone``/``backbone_kwargs`` instead of training
             one; the transfer victim of :func:`~lightning_defense.attacks.evaluate` starts from the same file.
         progress: Show a progress bar.
+        device: Where the extractor is trained or loaded and the poisons crafted (``"auto"``, ``"cpu"``,
+            ``"cuda[:i]"``, ``"mps"``); see :func:`~lightning_defense.core.device.resolve_device`. A given
+            ``extractor`` is moved there.
+        precision: ``"32"``, or ``"bf16"``: bfloat16 autocast of the extractor's training on a CUDA GPU
+            (the collision itself stays in float32).
 
     Raises:
         ValueError: On a bad argument, naming it.
@@ -148,8 +159,8 @@ class FeatureCollisionAttack(Attack):
                  lr: float = 0.1, beta: float = 0.0, extractor: Optional[ImageClassifier] = None,
                  backbone: str = "small_cnn", backbone_kwargs: Optional[dict] = None, extractor_epochs: int = 10,
                  extractor_lr: float = 0.05, extractor_seed: int = 0, extractor_path: Optional[str] = None,
-                 progress: bool = True) -> None:
-        super().__init__(eps, norm, budget, progress)
+                 progress: bool = True, device: str = "auto", precision: str = "32") -> None:
+        super().__init__(eps, norm, budget, progress, device, precision)
         for name, value in (("steps", steps), ("extractor_epochs", extractor_epochs)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {value!r}")
@@ -173,15 +184,23 @@ class FeatureCollisionAttack(Attack):
         self.extractor_epochs, self.extractor_lr, self.extractor_seed = extractor_epochs, extractor_lr, extractor_seed
 
     def feature_extractor(self, images: Tensor, labels: Tensor) -> ImageClassifier:
-        """The fixed extractor: the given one, the ``extractor_path`` file, or one trained on the clean split."""
+        """The fixed extractor: the given one, the ``extractor_path`` file, or one trained on the clean split.
+
+        It is on the attack's device (stage ``<name>.extractor``); a given extractor is moved there.
+        """
+        stage = f"{self.name}.extractor"
         if self.extractor is None and self.extractor_path is not None:
             self.extractor = load_extractor(self.extractor_path, self.backbone, self.backbone_kwargs,
-                                            num_classes=max(int(labels.max()) + 1, 2), in_chans=images.shape[1])
-        if self.extractor is None:
+                                            num_classes=max(int(labels.max()) + 1, 2), in_chans=images.shape[1],
+                                            device=self.device, stage=stage, collective=self.collective)
+        elif self.extractor is None:
             self.extractor = train_surrogate(
                 images, labels, backbone=self.backbone, backbone_kwargs=self.backbone_kwargs,
                 epochs=self.extractor_epochs, lr=self.extractor_lr, seed=self.extractor_seed,
-                progress=self.progress, desc=f"{self.name}: feature extractor")
+                progress=self.progress, desc=f"{self.name}: feature extractor", device=self.device,
+                precision=self.precision, stage=stage, collective=self.collective)
+        else:
+            self.extractor.to(self.stage_device("extractor"))
         return self.extractor.eval()
 
     def save_extractor(self, path: Union[str, Path], images: Tensor, labels: Tensor,
@@ -237,13 +256,14 @@ class FeatureCollisionAttack(Attack):
         candidates = (labels == goal.adversarial_label).nonzero().flatten()
         indices = budget_indices(candidates, budget_count(self.budget, len(images)), generator,
                                  f"training images of the adversarial class {goal.adversarial_label}")
-        model = self.feature_extractor(images, labels)
+        device = self.stage_device("craft")
+        model = self.feature_extractor(images, labels).to(device)
         requires_grad = [p.requires_grad for p in model.parameters()]
         for p in model.parameters():  # the extractor is fixed: gradients flow to the poisons only
             p.requires_grad_(False)
         try:
-            clean = images[indices].float()
-            target = goal.target_image.float()
+            clean = images[indices].float().to(device)
+            target = goal.target_image.float().to(device)
             delta, loss = self.collide(model, clean, target)
         finally:
             for p, flag in zip(model.parameters(), requires_grad):

@@ -57,6 +57,8 @@ class LinearSeparablePerturbation(IndiscriminateAttack):
         class_sep: Distance of the cluster centres from the origin along every axis, in units of the
             clusters' spread (10 in the paper's code).
         progress: Unused; kept for the common interface.
+        device: Where the perturbations are computed (``"auto"``, ``"cpu"``, ``"cuda[:i]"``, ``"mps"``); the random
+            draws stay on the CPU, so the poisons are the same bytes on every device up to float rounding.
 
     Raises:
         ValueError: If ``patch_size`` < 1 or ``class_sep`` <= 0; when crafting, if the ``k`` coordinates
@@ -71,8 +73,8 @@ class LinearSeparablePerturbation(IndiscriminateAttack):
     name = "lsp"
 
     def __init__(self, eps: float, norm: str = "l2", budget: float = 1.0, patch_size: int = 8,
-                 class_sep: float = 10.0, progress: bool = True) -> None:
-        super().__init__(eps, norm, budget, progress)
+                 class_sep: float = 10.0, progress: bool = True, device: str = "auto") -> None:
+        super().__init__(eps, norm, budget, progress, device)
         _check_patch_size(patch_size)
         if not (isinstance(class_sep, (int, float)) and math.isfinite(class_sep) and class_sep > 0):
             raise ValueError(f"class_sep must be a number > 0 (10 in Yu et al.'s code); got {class_sep!r}")
@@ -101,7 +103,8 @@ class LinearSeparablePerturbation(IndiscriminateAttack):
     def perturbation(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
         channels, height, width = images.shape[1:]
         grid = _grid(height, width, self.patch_size)
-        cells = self.points(labels, channels * grid[0] * grid[1], generator).view(len(labels), channels, *grid)
+        cells = self.points(labels.cpu(), channels * grid[0] * grid[1], generator).view(len(labels), channels, *grid)
+        cells = cells.to(images.device)  # drawn on the CPU (the keyed stream), shaped on the attack's device
         return scale_to_ball(_upsample(cells, self.patch_size, height, width), self.eps, self.norm)
 
 
@@ -133,6 +136,8 @@ class ClasswiseLinearSeparablePerturbation(IndiscriminateAttack):
         budget: Fraction of the training set perturbed.
         patch_size: Side of the constant-colour squares (8 on 32x32 CIFAR-10 and on 16x16 digits).
         progress: Unused; kept for the common interface.
+        device: Where the perturbations are computed (``"auto"``, ``"cpu"``, ``"cuda[:i]"``, ``"mps"``); the random
+            draws stay on the CPU, so the poisons are the same bytes on every device up to float rounding.
 
     Raises:
         ValueError: If ``patch_size`` < 1.
@@ -145,8 +150,8 @@ class ClasswiseLinearSeparablePerturbation(IndiscriminateAttack):
     name = "classwise_lsp"
 
     def __init__(self, eps: float, norm: str = "linf", budget: float = 1.0, patch_size: int = 8,
-                 progress: bool = True) -> None:
-        super().__init__(eps, norm, budget, progress)
+                 progress: bool = True, device: str = "auto") -> None:
+        super().__init__(eps, norm, budget, progress, device)
         _check_patch_size(patch_size)
         self.patch_size = patch_size
 
@@ -154,7 +159,7 @@ class ClasswiseLinearSeparablePerturbation(IndiscriminateAttack):
         num_classes = int(labels.max()) + 1
         channels, height, width = images.shape[1:]
         grid = _grid(height, width, self.patch_size)
-        colours = torch.rand((num_classes, channels, *grid), generator=generator) * 2 - 1
+        colours = (torch.rand((num_classes, channels, *grid), generator=generator) * 2 - 1).to(images.device)
         if self.norm == "linf":  # every square at a vertex of the ball (+-eps): the pattern uses the whole bound
             colours = colours.sign()
         patterns = _upsample(colours, self.patch_size, height, width)

@@ -23,6 +23,8 @@ class UniversalRandomPerturbation(IndiscriminateAttack):
         norm: ``"linf"`` or ``"l2"``.
         budget: Fraction of the training set perturbed (1.0: all of it, as in ECLIPSE).
         progress: Unused (crafting is instantaneous); kept for the common interface.
+        device: Where the perturbations are computed (``"auto"``, ``"cpu"``, ``"cuda[:i]"``, ``"mps"``); the random
+            draws stay on the CPU, so the poisons are the same bytes on every device up to float rounding.
 
     Example::
 
@@ -38,4 +40,4 @@ class UniversalRandomPerturbation(IndiscriminateAttack):
             patterns = (torch.rand(shape, generator=generator) * 2 - 1) * self.eps
         else:
             patterns = scale_to_ball(torch.randn(shape, generator=generator), self.eps, "l2")
-        return patterns[labels]
+        return patterns.to(labels.device)[labels]  # drawn on the CPU (the keyed stream), used on the attack's device

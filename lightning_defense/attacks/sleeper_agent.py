@@ -112,6 +112,7 @@ class SleeperAgent(GradientMatchingAttack):
         height, width = images.shape[-2:]
         xy = self.trigger_xy or f"{width - self.patch_size},{height - self.patch_size}"
         trigger = make_trigger(images.shape[1], self.patch_size, self.trigger, self.trigger_seed)
+        device = self.stage_device("craft")
         generator = torch.Generator().manual_seed(int(seed))
 
         sources = (labels == source_class).nonzero().flatten()
@@ -124,8 +125,9 @@ class SleeperAgent(GradientMatchingAttack):
 
         models, indices = self.surrogates_and_poisons(images, labels, target_class, "target class", generator, seed)
 
-        delta, loss = self.brew(images, labels, indices, goal_gradient(triggered, wanted), models, generator, seed)
-        clean = images[indices].float()
+        delta, loss = self.brew(images, labels, indices, goal_gradient(triggered.to(device), wanted.to(device)), models,
+                                generator, seed)
+        clean = images[indices].float().to(delta.device)
         return poison_set(
             indices, clean + delta, labels[indices], self, trigger=trigger, source_class=source_class,
             target_class=target_class,

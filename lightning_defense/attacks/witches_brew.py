@@ -46,11 +46,15 @@ TargetGradient = Callable[[torch.nn.Module], list[Tensor]]
 
 
 def goal_gradient(inputs: Tensor, wanted: Tensor):
-    """The attacker's goal gradient: ``model -> grad_theta CE(f(inputs), wanted)`` over the trainable parameters."""
+    """The attacker's goal gradient: ``model -> grad_theta CE(f(inputs), wanted)`` over the trainable parameters.
+
+    The inputs move to the model's device (a no-op when the caller put them there).
+    """
 
     def gradient(model) -> list[Tensor]:
         params = [p for p in model.parameters() if p.requires_grad]
-        return list(torch.autograd.grad(F.cross_entropy(model(inputs), wanted), params))
+        device = params[0].device
+        return list(torch.autograd.grad(F.cross_entropy(model(inputs.to(device)), wanted.to(device)), params))
 
     return gradient
 
@@ -80,6 +84,10 @@ class GradientMatchingAttack(Attack):
         selection: ``"random"`` candidates, or ``"max_gradient"``: those with the largest surrogate
             gradient norm (Sleeper Agent's data selection).
         progress: Show a progress bar.
+        device: Where the surrogates are trained and the poisons crafted (``"auto"``, ``"cpu"``,
+            ``"cuda[:i]"``, ``"mps"``); see :func:`~lightning_defense.core.device.resolve_device`.
+        precision: ``"32"``, or ``"bf16"``: bfloat16 autocast of the surrogates' training on a CUDA GPU
+            (gradient matching itself, a second-order loss, stays in float32).
 
     Raises:
         ValueError: On a bad argument, naming it.
@@ -89,8 +97,9 @@ class GradientMatchingAttack(Attack):
                  restarts: int = 8, lr: float = 0.1, augment: bool = True, crop_padding: int = 2, flip: bool = False,
                  backbone: str = "small_cnn", backbone_kwargs: Optional[dict] = None, surrogate_epochs: int = 10,
                  surrogate_lr: float = 0.05, batch_size: int = 128, ensemble: int = 1, retrain_rounds: int = 0,
-                 selection: str = "random", progress: bool = True) -> None:
-        super().__init__(eps, norm, budget, progress)
+                 selection: str = "random", progress: bool = True, device: str = "auto",
+                 precision: str = "32") -> None:
+        super().__init__(eps, norm, budget, progress, device, precision)
         for name, value in (("steps", steps), ("restarts", restarts), ("surrogate_epochs", surrogate_epochs),
                             ("batch_size", batch_size), ("ensemble", ensemble)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -108,10 +117,12 @@ class GradientMatchingAttack(Attack):
         self.ensemble, self.retrain_rounds, self.selection = ensemble, retrain_rounds, selection
 
     def surrogate(self, images: Tensor, labels: Tensor, seed: int):
-        """The attacker's model, trained on ``(images, labels)``."""
+        """The attacker's model, trained on ``(images, labels)`` on the attack's device (stage ``<name>.surrogate``)."""
         return train_surrogate(images, labels, backbone=self.backbone, backbone_kwargs=self.backbone_kwargs,
                                epochs=self.surrogate_epochs, lr=self.surrogate_lr, crop_padding=self.crop_padding,
-                               flip=self.flip, seed=seed, progress=self.progress, desc=f"{self.name}: surrogate")
+                               flip=self.flip, seed=seed, progress=self.progress, desc=f"{self.name}: surrogate",
+                               device=self.device, precision=self.precision, stage=f"{self.name}.surrogate",
+                               collective=self.collective)
 
     def surrogates_and_poisons(self, images: Tensor, labels: Tensor, poison_class: int, role: str,
                                generator: torch.Generator, seed: int) -> tuple[list, Tensor]:
@@ -138,9 +149,10 @@ class GradientMatchingAttack(Attack):
         if self.selection == "random" or count > len(candidates):
             return budget_indices(candidates, count, generator, what)
         params = [p for p in model.parameters() if p.requires_grad]
+        device = params[0].device
         norms = torch.empty(len(candidates))
         for row, index in enumerate(candidates.tolist()):
-            loss = F.cross_entropy(model(images[index:index + 1].float()), labels[index:index + 1])
+            loss = F.cross_entropy(model(images[index:index + 1].float().to(device)), labels[index:index + 1].to(device))
             grads = torch.autograd.grad(loss, params)
             norms[row] = torch.sqrt(sum((g * g).sum() for g in grads))
         return candidates[norms.argsort(descending=True, stable=True)[:count]].sort().values
@@ -159,8 +171,10 @@ class GradientMatchingAttack(Attack):
             desc: Progress-bar label.
 
         Returns:
-            ``(delta, final alignment loss)`` of the best restart.
+            ``(delta, final alignment loss)`` of the best restart, on the surrogates' device.
         """
+        device = next(models[0].parameters()).device  # crafting runs where the surrogates are
+        images, labels = images.to(device), labels.to(device)
         clean = images[indices].float()
         poison_labels = labels[indices]
         retrain_at = {round(self.steps * (r + 1) / (self.retrain_rounds + 1)) for r in range(self.retrain_rounds)}
@@ -169,7 +183,8 @@ class GradientMatchingAttack(Attack):
             for restart in range(self.restarts):
                 current = list(models)
                 targets = [self._target(m, target_gradient) for m in current]
-                delta = project((torch.rand(clean.shape, generator=generator) * 2 - 1) * self.eps, clean, self.eps, self.norm)
+                start = (torch.rand(clean.shape, generator=generator) * 2 - 1).to(device)  # the keyed CPU stream
+                delta = project(start * self.eps, clean, self.eps, self.norm)
                 delta.requires_grad_(True)
                 optimizer = torch.optim.Adam([delta], lr=self.lr * self.eps)
                 milestones = [round(self.steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
@@ -240,14 +255,16 @@ class WitchesBrew(GradientMatchingAttack):
     def craft(self, images: Tensor, labels: Tensor, *, goal: Optional[AttackGoal] = None, seed: int = 0) -> PoisonSet:
         check_split(images, labels)
         goal = require_goal(self, goal, "target_image", "adversarial_label")
+        device = self.stage_device("craft")
         generator = torch.Generator().manual_seed(int(seed))
         models, indices = self.surrogates_and_poisons(images, labels, goal.adversarial_label, "adversarial class",
                                                       generator, seed)
         target = goal.target_image[None].float()
         adversarial = torch.tensor([goal.adversarial_label])
 
-        delta, loss = self.brew(images, labels, indices, goal_gradient(target, adversarial), models, generator, seed)
-        clean = images[indices].float()
+        delta, loss = self.brew(images, labels, indices, goal_gradient(target.to(device), adversarial.to(device)),
+                                models, generator, seed)
+        clean = images[indices].float().to(delta.device)
         return poison_set(
             indices, clean + delta, labels[indices], self,
             target_images=target, target_labels=torch.tensor([int(goal.target_label if goal.target_label is not None else -1)]),

@@ -13,6 +13,7 @@ from lightning_defense.attacks import Attack, AttackGoal
 from lightning_defense.cli.overrides import apply_overrides, split_overrides
 from lightning_defense.core.batch import dataset_tensors
 from lightning_defense.core.config import instantiate
+from lightning_defense.core.device import resolve_device
 
 SECTIONS = {"data", "attack"}
 
@@ -23,6 +24,9 @@ def _poison_parser() -> ArgumentParser:
     parser.add_argument("--data", type=dict, required=True, help="class_path/init_args of the clean datamodule")
     parser.add_argument("--attack", type=dict, required=True, help="class_path/init_args of a lightning_defense attack")
     parser.add_argument("--seed", type=int, default=0, help="seeds the goal and the crafting")
+    parser.add_argument("--device", type=Optional[str], default=None,
+                        help="where the attack crafts unless attack.init_args names a device: auto (the current "
+                             "GPU, else the CPU; the attacks' default), cpu, cuda, cuda:<i> or mps")
     parser.add_argument("--output", type=str, required=True, help="the .safetensors or .npz file to write")
     parser.add_argument("--target_index", type=Optional[int], default=None, help="targeted: test image to attack")
     parser.add_argument("--adversarial_label", type=Optional[int], default=None, help="targeted: the class it should get")
@@ -35,6 +39,7 @@ def run_poison(argv: list[str]) -> None:
     """Craft the configured attack's poisons against the data's training split and save them.
 
     ``--data.init_args.X=V`` and ``--attack.init_args.X=V`` override single entries of the config.
+    ``--device`` (or ``--attack.init_args.device``) says where the attack computes.
     """
     try:
         argv, overrides = split_overrides(argv, SECTIONS)
@@ -49,6 +54,9 @@ def run_poison(argv: list[str]) -> None:
         apply_overrides(sections, overrides)
         data = instantiate(sections["data"], L.LightningDataModule, "--data")
         attack = instantiate(sections["attack"], Attack, "--attack")
+        if args.device is not None and "device" not in (sections["attack"].get("init_args") or {}):
+            attack.device = args.device
+        resolve_device(attack.device, what="the attack's device")  # a device this machine lacks fails here
     except ValueError as err:
         sys.exit(f"lightning-defense poison: {err}")
     data.prepare_data()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from lightning_defense.attacks.base import Attack, AttackGoal
+from lightning_defense.core.device import check_device
 from lightning_defense.datamodules.poison import KINDS, NORMS
 
 NO_DEFENSE = "none"
@@ -71,7 +72,13 @@ class Victim:
 
 @dataclass
 class EvaluationConfig:
-    """Everything :func:`~lightning_defense.evaluate.evaluate` needs; see ``configs/digits/evaluate.yaml``."""
+    """Everything :func:`~lightning_defense.evaluate.evaluate` needs; see ``configs/digits/evaluate.yaml``.
+
+    ``device`` is where attacks craft (surrogates, extractors, poisons) unless an attack's ``init_args``
+    name their own ``device``: ``"auto"`` (the default) is the victims' GPU, or the CPU when the victim's
+    trainer has ``accelerator: cpu``; ``"cpu"``, ``"cuda"``, ``"cuda:<i>"`` or ``"mps"`` name one. Victims
+    train on their trainer's accelerator.
+    """
 
     data: dict
     attacks: list
@@ -87,8 +94,10 @@ class EvaluationConfig:
     poison_kind: Optional[str] = None
     trust_pickle: bool = False
     progress: bool = True
+    device: str = "auto"
 
     def __post_init__(self) -> None:
+        check_device(self.device, "device (where attacks craft)")
         if not isinstance(self.trials, int) or self.trials < 1:
             raise ValueError(f"trials must be an int >= 1; got {self.trials!r}")
         if not isinstance(self.data, dict):
@@ -126,3 +135,14 @@ def fixed_goal(spec: Any, attack: Attack, what: str) -> Optional[AttackGoal]:
     if spec["source_class"] == spec["target_class"]:
         raise ValueError(f"{what}.goal: source_class and target_class must differ; got both {spec['source_class']}")
     return AttackGoal(source_class=spec["source_class"], target_class=spec["target_class"])
+
+
+def crafting_device(config: EvaluationConfig, spec: dict, victim: Victim) -> Optional[str]:
+    """The device setting an attack entry crafts with: None when its ``init_args`` name one (it is kept), else
+    ``config.device``, where ``"auto"`` becomes ``"cpu"`` if the attack's victim trainer has ``accelerator: cpu``."""
+    if "device" in (spec.get("init_args") or {}):
+        return None
+    accelerator = {**config.trainer, **victim.trainer}.get("accelerator")
+    if config.device == "auto" and accelerator == "cpu":
+        return "cpu"
+    return config.device

@@ -31,6 +31,9 @@ the accuracy reduced over ranks, and scores the attack with rank 0's weights, so
 BatchNorm statistics and per-rank random augmentation (see
 :func:`~lightning_defense.evaluate.victims.shard_loader`).
 
+Attacks craft on ``config.device`` (``"auto"``: the victims' GPU, or the CPU when the victim trainer has
+``accelerator: cpu``) unless their ``init_args`` name a ``device``; victims train on their trainer's accelerator.
+
 A "clean" row (no attack) is trained per trial too: it gives each defense's clean accuracy and the
 reference accuracy from which an indiscriminate attack's success (the accuracy drop) is measured.
 Every (row, defense, trial) result is written atomically as soon as it is known, with its SHA-256 beside it
@@ -57,10 +60,19 @@ from lightning_defense.attacks.base import Attack, AttackGoal
 from lightning_defense.core.batch import dataset_tensors
 from lightning_defense.core.collective import Collective
 from lightning_defense.core.config import instantiate, resolve_class
+from lightning_defense.core.device import resolve_device
 from lightning_defense.core.store import DIGEST_SUFFIX, CorruptStoreError, RecordStore, file_digest, fingerprint
 from lightning_defense.datamodules.importers import from_benchmark_pickles, from_npy
 from lightning_defense.datamodules.poison import PoisonSet, PoisonSetError
-from lightning_defense.evaluate.config import CLEAN_ROW, NO_DEFENSE, Defense, EvaluationConfig, Victim, fixed_goal
+from lightning_defense.evaluate.config import (
+    CLEAN_ROW,
+    NO_DEFENSE,
+    Defense,
+    EvaluationConfig,
+    Victim,
+    crafting_device,
+    fixed_goal,
+)
 from lightning_defense.evaluate.tables import markdown_table, summarise, write_tables
 from lightning_defense.evaluate.victims import attack_success, check_scorable, train_victim
 
@@ -158,6 +170,10 @@ class Evaluation:
             victim = Victim.from_config(spec.get("victim"), what)
             attack = instantiate({k: v for k, v in spec.items() if k not in ("name", "victim", "goal")}, Attack, what)
             attack.progress = attack.progress and config.progress and self.rank == 0
+            device = crafting_device(config, spec, victim)
+            if device is not None:
+                attack.device = device
+            resolve_device(attack.device, what=f"{what} device")  # a device this machine lacks fails before any fit
             self.attacks[spec["name"]] = attack
             self.victims[spec["name"]] = victim
             self.goals[spec["name"]] = fixed_goal(spec.get("goal"), attack, what)
@@ -230,6 +246,7 @@ class Evaluation:
                 def is_valid(p: Path) -> bool:
                     return p.is_file() and _safetensors_metadata(p).get("cache_key") == key
 
+                attack.collective = self.collective  # "auto" crafts on the victims' GPU
                 self._shared_file(path, is_valid,
                                   lambda p: attack.save_extractor(p, images, labels, {"cache_key": key}))
                 attack.extractor, attack.extractor_path = None, str(path)  # craft against the file's weights
@@ -258,6 +275,7 @@ class Evaluation:
             elif not {goal.source_class, goal.target_class} <= set(range(num_classes)):
                 raise ValueError(f"attack {row!r}: goal classes {goal.source_class}, {goal.target_class} must be in "
                                  f"0..{num_classes - 1}")
+            attack.collective = self.collective  # "auto" crafts on the victims' GPU
             poisons = attack.craft(images, labels, goal=goal, seed=seed)
             poisons.metadata["cache_key"] = key
             p.parent.mkdir(parents=True, exist_ok=True)

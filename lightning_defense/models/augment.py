@@ -27,20 +27,22 @@ def random_crop_flip(x: Tensor, padding: int = 4, flip: bool = True, generator: 
     """Zero-pad by ``padding``, take a random crop of the original size per sample, and flip half.
 
     The standard CIFAR augmentation (``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip``), done on
-    the whole batch at once so it can run after ``on_train_batch_start`` callbacks.
+    the whole batch at once so it can run after ``on_train_batch_start`` callbacks. The offsets and flips
+    are drawn on ``generator``'s device (a CPU generator keeps a keyed stream valid for images on a GPU).
     """
     n, _, h, w = x.shape
     device = x.device
+    draw_on = generator.device if generator is not None else device
     if padding > 0:
         padded = F.pad(x, (padding,) * 4)
-        oy = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
-        ox = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
+        oy = torch.randint(0, 2 * padding + 1, (n,), device=draw_on, generator=generator).to(device)
+        ox = torch.randint(0, 2 * padding + 1, (n,), device=draw_on, generator=generator).to(device)
         rows = (oy[:, None] + torch.arange(h, device=device))[:, None, :, None]
         cols = (ox[:, None] + torch.arange(w, device=device))[:, None, None, :]
         batch = torch.arange(n, device=device)[:, None, None, None]
         chans = torch.arange(x.shape[1], device=device)[None, :, None, None]
         x = padded[batch, chans, rows, cols]
     if flip:
-        mask = torch.rand(n, device=device, generator=generator) < 0.5
+        mask = (torch.rand(n, device=draw_on, generator=generator) < 0.5).to(device)
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
     return x

@@ -151,7 +151,7 @@ def test_adversarial_training(project, tmp_path):
 
 
 def test_dp_sgd(project, tmp_path):
-    trainer, spy = fit(project, tmp_path, [DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, seed=0)])  # <- changed
+    trainer, spy = fit(project, tmp_path, [DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, seed=0, replace_batchnorm=True)])  # <- changed
     assert_user_form(project, spy)
     epsilon = trainer.callbacks[0].epsilon
     assert 0 < epsilon < math.inf
