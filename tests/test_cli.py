@@ -1,3 +1,4 @@
+import csv
 import os
 import subprocess
 import sys
@@ -55,3 +56,81 @@ def test_two_process_cpu_ddp_fit(tmp_path):
     assert proc.returncode == 0, output[-3000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output
     assert list(Path(tmp_path).rglob("*.ckpt"))
+
+
+# --------------------------------------------------------------------------- a user's own classes
+LIT = "tests.integration.projects.torchvision_style.LitClassifier"
+CIFAR = "tests.integration.projects.torchvision_style.CIFARDataModule"
+USER_TINY = ["--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.logger=false",
+             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def test_fit_a_users_module_and_datamodule_with_a_defense_from_the_command_line(tmp_path, monkeypatch):
+    from lightning_defense.callbacks import adversarial_training
+
+    attacked, real = [], adversarial_training.pgd_attack
+
+    def spy(model, x, y, eps, *args):
+        adversarial = real(model, x, y, eps, *args)
+        attacked.append((x, adversarial, eps))
+        return adversarial
+
+    monkeypatch.setattr(adversarial_training, "pgd_attack", spy)
+    main(["fit", "--model", LIT, "--data", CIFAR, *USER_TINY, f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.callbacks+=lightning_defense.callbacks.AdversarialTraining", "--trainer.callbacks.steps=2"])
+    assert len(attacked) == 3  # 48 samples, batch size 16: every batch attacked, in [0, 1] pixel space
+    for pixels, adversarial, eps in attacked:
+        assert pixels.min() >= 0 and pixels.max() <= 1 and pixels.min() < 0.1  # the user's Normalize undone
+        assert 0 < (adversarial - pixels).abs().max() <= eps + 1e-6
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["model"]["class_path"] == LIT and config["data"]["class_path"] == CIFAR
+    assert list(tmp_path.rglob("*.ckpt"))
+
+
+def test_user_model_class_paths_and_links(tmp_path, capsys):
+    from lightning_defense.cli.fit import model_class_path
+
+    config = tmp_path / "fit.yaml"
+    config.write_text(yaml.safe_dump({"model": {"class_path": LIT, "init_args": {"lr": 0.1}},
+                                      "data": {"class_path": CIFAR}}))
+    assert model_class_path(["fit", "--config", str(CONFIG)]) is None  # ImageClassifier's arguments
+    assert model_class_path(["fit", "--config", str(config)]) == LIT
+    assert model_class_path(["fit", "--config", str(config), "--model=my_pkg.Other"]) == "my_pkg.Other"
+    assert model_class_path(["--model.class_path", "my_pkg.Other", "--model", "{lr: 1}"]) == "my_pkg.Other"
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"] == {"class_path": LIT, "init_args": {"lr": 0.1}}  # num_classes: linked
+
+    # the data's num_classes/num_channels go only where the model takes them, and only where the data has them
+    cli = build_cli(["--model", "lightning_defense.models.ImageClassifier", "--data",
+                     "lightning_defense.datamodules.DigitsDataModule", "--data.image_size=8", *USER_TINY], run=False)
+    assert cli.model.hparams.num_classes == 10 and cli.model.hparams.in_chans == 1
+    cli = build_cli(["--model", LIT, "--model.num_classes=5", "--data", CIFAR, *USER_TINY], run=False)
+    assert cli.model.hparams.num_classes == 5  # CIFARDataModule states no num_classes: the model's own stands
+    with pytest.raises(ValueError, match="model.init_args.num_classes=5 disagrees with data.num_classes=10"):
+        build_cli(["--model", LIT, "--model.num_classes=5", "--data", "lightning_defense.datamodules.DigitsDataModule",
+                   *USER_TINY], run=False)
+
+
+def test_certify_a_users_module_and_datamodule(tmp_path, capsys):
+    config = tmp_path / "certify.yaml"
+    config.write_text(yaml.safe_dump({
+        "num_models": 6, "n0": 1, "alpha": 0.1, "progress_bar": False,
+        "smoothing": {"class_path": "lightning_defense.datamodules.GaussianNoiseDataModule",
+                      "init_args": {"sigma": 0.1}},
+        "model": {"class_path": LIT, "init_args": {"lr": 0.05}},
+        "data": {"class_path": CIFAR},
+        "trainer": {"accelerator": "cpu", "max_epochs": 5},
+    }))
+    main(["certify", "--config", str(config), f"--output_dir={tmp_path / 'smooth'}"])
+    out = capsys.readouterr().out
+    assert "certify: sigma=0.1" in out and "16 test points" in out
+    with open(tmp_path / "smooth" / "certificates.csv", newline="") as f:
+        assert any(float(row["radius"]) > 0 and row["correct"] == "1" for row in csv.DictReader(f))
+
+    main(["certify", "--model", LIT, "--data", CIFAR, "--mode=dpa", "--smoothing=null", "--num_models=3",
+          "--trainer.accelerator=cpu", "--trainer.max_epochs=1", "--progress_bar=false", "--num_classes=3",
+          f"--output_dir={tmp_path / 'dpa'}"])
+    assert "DPA, k=3 partitions" in capsys.readouterr().out

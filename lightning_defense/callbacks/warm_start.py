@@ -11,6 +11,7 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import Dataset
 
 from lightning_defense.core.collective import Collective
 from lightning_defense.core.config import resolve_class
@@ -26,6 +27,10 @@ class WarmStart(Callback):
       ``GaussianNoiseDataModule(base=...)`` or a diffusion-purified datamodule around the same base), or
     * ``wrapper`` (+ ``wrapper_kwargs``): a ``TrainSplitWrapper`` subclass, or its dotted class path,
       applied to the trainer's own datamodule: ``wrapper(base=trainer.datamodule, **wrapper_kwargs)``.
+
+    The trainer's datamodule may be a user's own (any batch layout, normalised and augmented in its
+    dataset's transform): a wrapper's ``train_set`` is then its rewritten pixels in the user's own form, so the
+    user's loader, augmentation, normalisation and ``training_step`` carry on unchanged after the switch.
 
     The purified datamodule is prepared (``prepare_data`` on local rank 0, then ``setup``) when fit
     starts, so a purification cache is built before training. At the end of epoch ``epochs - 1`` the
@@ -118,12 +123,7 @@ class WarmStart(Callback):
         dm.setup("fit")
         if getattr(dm, "train_set", None) is None:
             raise AttributeError(f"the purified datamodule {type(dm).__name__} has no train_set after setup('fit')")
-        tampered = getattr(trainer.datamodule, "train_set", None) if trainer.datamodule is not None else None
-        if tampered is not None and len(tampered) != len(dm.train_set):
-            raise ValueError(
-                f"the purified training set has {len(dm.train_set)} samples but the tampered one has {len(tampered)}; "
-                "the purified datamodule must wrap the same base data"
-            )
+        self._check_length(self._tampered_set(trainer))
         self._seam = TrainingDataSeam.of(trainer)
         self._seam.enable_swapping()
         if self._switched_at is not None:
@@ -148,6 +148,27 @@ class WarmStart(Callback):
             rank_zero_info(f"WarmStart: training on the purified data from epoch {self._switched_at}")
             self._switch()
 
+    def _tampered_set(self, trainer: L.Trainer) -> Optional[Dataset]:
+        """The trainer's training set, when it can be told before its loader exists: the datamodule's
+        ``train_set``, or the one a wrapper of that datamodule read (a user's datamodule with loaders only)."""
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            return None
+        tampered = getattr(datamodule, "train_set", None)
+        view = getattr(self._purified_dm, "view", None)
+        if tampered is None and view is not None and getattr(self._purified_dm, "base", None) is datamodule:
+            tampered = view.dataset
+        return tampered
+
+    def _check_length(self, tampered: Optional[Dataset]) -> None:
+        purified = self._purified_dm.train_set
+        if tampered is not None and len(tampered) != len(purified):
+            raise ValueError(
+                f"the purified training set has {len(purified)} samples but the tampered one has {len(tampered)}; "
+                "the purified datamodule must wrap the same base data"
+            )
+
     def _switch(self) -> None:
+        self._check_length(self._seam.user_training_set)  # the training loader's own set, once it exists
         self._seam.swap_training_set(self._purified_dm.train_set)
         self._swapped = True

@@ -34,7 +34,14 @@ from lightning_defense.certify.smoothing import (
     two_class_radius,
     upper_confidence_bound,
 )
-from lightning_defense.certify.training import build_model, rab_test_noise, train_and_vote
+from lightning_defense.certify.training import (
+    build_model,
+    build_user_model,
+    rab_test_noise,
+    train_and_vote,
+    train_user_and_vote,
+    user_loader,
+)
 from lightning_defense.certify.votes import VoteStore
 
 __all__ = [
@@ -48,6 +55,7 @@ __all__ = [
     "TrainingOptions",
     "VoteStore",
     "build_model",
+    "build_user_model",
     "certified_accuracy",
     "certified_modified_samples",
     "certify",
@@ -67,6 +75,8 @@ __all__ = [
     "rab_test_noise",
     "run_certification",
     "train_and_vote",
+    "train_user_and_vote",
     "two_class_radius",
     "upper_confidence_bound",
+    "user_loader",
 ]

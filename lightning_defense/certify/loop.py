@@ -24,6 +24,14 @@ their SHA-256, as soon as it finishes (:class:`~lightning_defense.certify.votes.
 interrupted run resumes at the next untrained model; a damaged votes file is reported and retrained.
 Each model trains as ``fit`` would train it on its wrapper: a wrapper's per-batch rewrite
 (``train_batch_transform``, e.g. ECLIPSE's compensation) applies to its batches too.
+
+The models are :class:`~lightning_defense.models.ImageClassifier` (``model`` holds its arguments), or a
+user's own ``LightningModule`` on the user's own datamodule (``model={"class_path": ..., "init_args":
+...}``): the training set is read as [0, 1] pixels through :class:`~lightning_defense.core.pixels.PixelView`
+(for DPA's partition and the resume key), each model trains on its training set in the user's own item
+form (its layout, augmentation and normalisation), by its own ``training_step`` and
+``configure_optimizers`` (:func:`~lightning_defense.certify.training.train_user_and_vote`), and votes on
+the test points given in the user's input space.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from lightning_defense import datamodules
@@ -59,12 +68,21 @@ from lightning_defense.certify.smoothing import (
     certify_rab_batch,
     plot_certified_accuracy,
 )
-from lightning_defense.certify.training import build_model, train_and_vote
+from lightning_defense.certify.training import (
+    build_model,
+    build_user_model,
+    pixel_batch_transform,
+    train_and_vote,
+    train_user_and_vote,
+    user_loader,
+)
 from lightning_defense.certify.votes import VoteStore
 from lightning_defense.core.batch import dataset_tensors, to_float_image
 from lightning_defense.core.collective import Collective
 from lightning_defense.core.config import resolve_class
+from lightning_defense.core.pixels import Layout, PixelSpace, PixelView
 from lightning_defense.core.store import atomic_write, canonical, fingerprint
+from lightning_defense.datamodules.wrapper import TrainSplitWrapper, split_dataset
 from lightning_defense.models.classifier import ImageClassifier
 
 __all__ = [
@@ -163,13 +181,15 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
 
 
-def _check_arguments(data, model, smoothing, mode, num_models, n0, selection, alpha, sigma, training, max_models):
+def _check_arguments(data, model, smoothing, mode, num_models, n0, selection, alpha, sigma, training, max_models,
+                     num_classes=None):
     """Every argument checked before any process starts.
 
     Returns:
-        ``(training, model_args, wrapper, sigma)``: :class:`TrainingOptions`, the ImageClassifier arguments,
-        the smoothing wrapper's ``(class, init_args)`` (None for DPA) and the radius' sigma, the wrapper's
-        ``certified_sigma`` (None for DPA).
+        ``(training, model_args, wrapper, sigma, user)``: :class:`TrainingOptions`, the ImageClassifier
+        arguments (None for a user's module), the smoothing wrapper's ``(class, init_args)`` (None for DPA),
+        the radius' sigma, the wrapper's ``certified_sigma`` (None for DPA), and a user's LightningModule as
+        ``(class, init_args)`` (None for ImageClassifier).
     """
     training = training if training is not None else TrainingOptions()
     if isinstance(training, Mapping):
@@ -193,9 +213,20 @@ def _check_arguments(data, model, smoothing, mode, num_models, n0, selection, al
         _check_int("training.limit_train_batches", training.limit_train_batches, 1)
     if max_models is not None:
         _check_int("max_models", max_models, 0)
-    model_args = dict(model or {})
+    user = None
+    if isinstance(model, Mapping) and "class_path" in model:
+        user, model = _user_model(model)
+        if user is not None and training.models_per_batch != 1:
+            raise ValueError(f"training.models_per_batch={training.models_per_batch}: only ImageClassifier models "
+                             f"train several at once (vmap); {user[0].__name__} trains one at a time, set it to 1")
+    if num_classes is not None:
+        _check_int("num_classes", num_classes, 2)
+        if user is None:
+            raise ValueError("num_classes is for a user's LightningModule (model.class_path); ImageClassifier runs "
+                             "take the datamodule's num_classes")
+    model_args = None if user is not None else dict(model or {})
     for linked in ("num_classes", "in_chans"):
-        if linked in model_args:
+        if model_args is not None and linked in model_args:
             raise ValueError(f"model.{linked} comes from the datamodule; remove it from the model arguments")
     if not isinstance(data, L.LightningDataModule):
         raise ValueError(f"data must be a LightningDataModule; got {type(data).__name__}")
@@ -208,7 +239,33 @@ def _check_arguments(data, model, smoothing, mode, num_models, n0, selection, al
         raise ValueError("mode 'dpa' partitions the training set as it is; set smoothing to null")
     else:
         sigma = None
-    return training, model_args, wrapper, sigma
+    return training, model_args, wrapper, sigma, user
+
+
+def _user_model(spec: Mapping) -> tuple[Optional[tuple[type, dict]], Optional[dict]]:
+    """``model={"class_path": ..., "init_args": {...}}`` checked: ``((class, init_args), None)`` for a user's
+    LightningModule, or ``(None, init_args)`` when it names ImageClassifier itself (the ImageClassifier path).
+
+    Raises:
+        ValueError: Other keys, a class that is not a LightningModule, or init_args it does not take.
+    """
+    unknown = set(spec) - {"class_path", "init_args"}
+    if unknown:
+        raise ValueError(f"model takes class_path and init_args (or ImageClassifier's arguments); got also "
+                         f"{sorted(unknown)}")
+    cls = resolve_class(spec["class_path"], L.LightningModule, "model.class_path")
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, Mapping):
+        raise ValueError(f"model.init_args must be a mapping; got {init_args!r}")
+    if cls is ImageClassifier:
+        return None, dict(init_args)
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        bad = sorted(set(init_args) - set(params) - {"self"})
+        if bad:
+            raise ValueError(f"model.init_args {bad} are not arguments of {cls.__name__}; it takes "
+                             f"{sorted(n for n in params if n != 'self')}")
+    return (cls, dict(init_args)), None
 
 
 def certifying_wrappers() -> list[str]:
@@ -288,7 +345,14 @@ def resolve_smoothing(smoothing: Mapping, sigma: Optional[float], data: L.Lightn
 
 
 def _test_points(test_set, num_test_points: Optional[int], test_indices: Optional[Sequence[int]]):
-    size = len(test_set)
+    indices = _test_indices(len(test_set), num_test_points, test_indices)
+    items = [test_set[int(i)] for i in indices]
+    images = to_float_image(torch.stack([item[0] for item in items]))
+    labels = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
+    return indices, images, labels
+
+
+def _test_indices(size: int, num_test_points: Optional[int], test_indices: Optional[Sequence[int]]) -> np.ndarray:
     if num_test_points is not None and test_indices is not None:
         raise ValueError("give num_test_points or test_indices, not both")
     if test_indices is not None:
@@ -301,10 +365,7 @@ def _test_points(test_set, num_test_points: Optional[int], test_indices: Optiona
             if num_test_points > size:
                 raise ValueError(f"num_test_points={num_test_points} exceeds the test split's {size} samples")
         indices = np.arange(size if num_test_points is None else num_test_points)
-    items = [test_set[int(i)] for i in indices]
-    images = to_float_image(torch.stack([item[0] for item in items]))
-    labels = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
-    return indices, images, labels
+    return indices
 
 
 def _with_defaults(cls: type, args: Mapping, skip: set) -> dict:
@@ -340,6 +401,7 @@ def run_certification(
     report_radii: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 1.0),
     progress_bar: bool = True,
     collective_data_setup: Optional[bool] = None,
+    num_classes: Optional[int] = None,
 ) -> CertificationResult:
     """Trains m models (or DPA's k), collects their votes, and certifies the test points.
 
@@ -377,7 +439,14 @@ def run_certification(
 
     Args:
         data: The (possibly poisoned) datamodule; its training split is smoothed or partitioned.
-        model: ``ImageClassifier`` arguments without num_classes/in_chans (taken from ``data``).
+        model: ``ImageClassifier`` arguments without num_classes/in_chans (taken from ``data``), or a user's own
+            LightningModule ``{"class_path": "my_pkg.MyModule", "init_args": {...}}`` (model i is
+            ``MyModule(**init_args)`` built under its own seed). A user's module trains on ``data`` as its own
+            training loader serves it (batch size, collate, the items' layout, augmentation and
+            normalisation; ``data`` need not have ``num_classes``, ``train_set`` or ``test_set``: its loaders'
+            datasets are used) by its own ``training_step`` and ``configure_optimizers``, one model at a time,
+            and votes with ``argmax(module(x))``; noise and partitions act on [0, 1] pixels (see
+            :class:`~lightning_defense.core.pixels.PixelView`).
         smoothing: Wrapper spec ``{class_path, init_args}`` instantiated per model as
             ``cls(base=data, seed=i, **init_args)``; default :data:`DEFAULT_SMOOTHING`.
         mode: ``"smoothing"`` (Hong et al.), ``"rab"`` (Weber et al.) or ``"dpa"`` (Levine & Feizi).
@@ -401,6 +470,8 @@ def run_certification(
             together (needed by wrappers whose setup runs collectives, e.g. DiffusionPurifiedDataModule,
             which then shares each draw's purification over the ranks). None: the wrapper class's
             ``collective_setup`` attribute, else True for DiffusionPurifiedDataModule, else False.
+        num_classes: A user's module: the number of classes (default: ``data.num_classes``, else the largest
+            label of the training and test sets plus one).
 
     Returns:
         A :class:`CertificationResult`.
@@ -418,16 +489,20 @@ def run_certification(
         )
         print(result.summary["certified_accuracy"])
     """
-    training, model_args, wrapper, sigma = _check_arguments(
-        data, model, smoothing, mode, num_models, n0, selection, alpha, sigma, training, max_models)
+    training, model_args, wrapper, sigma, user = _check_arguments(
+        data, model, smoothing, mode, num_models, n0, selection, alpha, sigma, training, max_models, num_classes)
     fabric = _launch(training)
     collective = Collective(fabric)
-    setup = _set_up_data(data, fabric, collective, num_test_points, test_indices)
+    if user is None:
+        setup = _set_up_data(data, fabric, collective, num_test_points, test_indices)
+    else:
+        setup = _set_up_user_data(data, fabric, collective, num_test_points, test_indices, num_classes)
     training_sets = _TrainingSets(setup, mode, num_models, wrapper, collective, collective_data_setup)
 
     # Resume: rank 0 finds the models whose votes are already stored under this configuration's key.
     output_dir = Path(output_dir)
-    key = _resume_key(mode, seed, setup, model_args, training, wrapper, sigma, num_models) if collective.rank == 0 else None
+    key = (_resume_key(mode, seed, setup, model_args, training, wrapper, sigma, num_models, user)
+           if collective.rank == 0 else None)
     store, todo = _open_vote_store(collective, output_dir, key, num_models, setup)
     if max_models is not None:
         todo = todo[:max_models]
@@ -439,6 +514,8 @@ def run_certification(
         test_images=setup.test_images, seed=seed, training=training, batch_size=setup.batch_size,
         progress_bar=progress_bar and collective.rank == 0,
         test_sigma=sigma if mode == "rab" else None, test_keys=setup.test_indices,
+        train_user=None if user is None else _user_trainer(user, setup, seed, training, collective.device,
+                                                           sigma if mode == "rab" else None),
     )
 
     # CERTIFY (or DPA's plurality vote) once every model has voted.
@@ -474,6 +551,79 @@ class _Data:
     test_indices: np.ndarray
     test_images: Tensor
     test_labels: Tensor
+    user: Optional["_UserData"] = None
+
+
+@dataclass
+class _UserData:
+    """A user's datamodule as the loop uses it beside :class:`_Data` (whose images are then [0, 1] pixels)."""
+
+    loader: DataLoader  # the user's training loader: its batch size and collate
+    train_set: Dataset  # the user's training set
+    layout: Layout  # of the training items
+    train_space: PixelSpace
+    test_space: PixelSpace
+
+
+def _set_up_user_data(data: L.LightningDataModule, fabric: L.Fabric, collective: Collective,
+                      num_test_points: Optional[int], test_indices: Optional[Sequence[int]],
+                      num_classes: Optional[int]) -> _Data:
+    """A user's datamodule: ``prepare_data`` once per node, ``setup("fit")`` and ``setup("test")`` on every rank;
+    the training and test sets are found as the smoothing wrappers find them
+    (:func:`~lightning_defense.datamodules.wrapper.split_dataset`: ``train_set``/``test_set``, else the dataset of
+    ``train_dataloader()``/``test_dataloader()``) and read as [0, 1] pixels by
+    :class:`~lightning_defense.core.pixels.PixelView`; the training loader is the model's loader template.
+
+    Raises:
+        ValueError: No single DataLoader over a map-style training or test set, or pixels outside [0, 1]
+            (naming the fix).
+    """
+    if fabric.local_rank == 0:
+        data.prepare_data()
+    collective.barrier("certify: prepare_data")
+    data.setup("fit")
+    loader, train_set = data.train_dataloader(), split_dataset(data, "train")
+    data.setup("test")
+    test_set = split_dataset(data, "test")
+    name = type(data).__name__
+    if not isinstance(loader, DataLoader) or train_set is None:
+        raise ValueError(f"{name}.train_dataloader() must return one torch DataLoader over a map-style dataset for "
+                         f"the certification loop; got {type(loader).__name__}")
+    if test_set is None:
+        raise ValueError(f"{name} has no test set: set test_set in setup() or define test_dataloader()")
+    train_view, test_view = PixelView(train_set, owner=data), PixelView(test_set, owner=data)
+    train_images, train_labels = train_view.tensors("run_certification (training set)")
+    indices = _test_indices(len(test_set), num_test_points, test_indices)
+    items = [test_view.item_pixels(int(i)) for i in indices]
+    test_images = torch.stack([image for image, _ in items])
+    test_labels = torch.as_tensor([int(label) for _, label in items], dtype=torch.long)
+    test_view.space.check(test_images, "run_certification", "test points")
+    if num_classes is None:
+        num_classes = getattr(data, "num_classes", None) or int(max(train_labels.max(), test_labels.max())) + 1
+    user = _UserData(loader, train_set, train_view.layout, train_view.space, test_view.space)
+    return _Data(data, int(num_classes), int(train_images.shape[1]), loader.batch_size, train_images, train_labels,
+                 indices, test_images, test_labels, user)
+
+
+def _user_trainer(user: tuple[type, dict], data: _Data, seed: int, training: TrainingOptions, device: torch.device,
+                  test_sigma: Optional[float]):
+    """``train(i, training set, batch transform) -> votes`` for a user's LightningModule."""
+    cls, init_args = user
+    info = data.user
+
+    def train(i: int, training_set: Dataset, transform) -> Tensor:
+        if getattr(transform, "__func__", None) is TrainSplitWrapper.train_batch_transform:
+            transform = None  # the wrapper rewrites no batch
+        if transform is not None:
+            transform = pixel_batch_transform(transform, info.layout, info.train_space)
+        return train_user_and_vote(
+            build_user_model(cls, init_args, seed, i), i, user_loader(info.loader, training_set, seed, i),
+            data.test_images, info.test_space, data.num_classes, seed=seed, max_epochs=training.max_epochs,
+            limit_train_batches=training.limit_train_batches, device=device, test_sigma=test_sigma,
+            test_keys=data.test_indices, batch_transform=transform,
+        )
+
+    return train
 
 
 def _set_up_data(data: L.LightningDataModule, fabric: L.Fabric, collective: Collective,
@@ -487,7 +637,9 @@ def _set_up_data(data: L.LightningDataModule, fabric: L.Fabric, collective: Coll
         data.setup("test")
     num_classes, in_chans = getattr(data, "num_classes", None), getattr(data, "num_channels", None)
     if not num_classes or not in_chans or getattr(data, "train_set", None) is None or data.test_set is None:
-        raise ValueError(f"{type(data).__name__} must expose num_classes, num_channels, train_set and test_set")
+        raise ValueError(f"{type(data).__name__} must expose num_classes, num_channels, train_set and test_set for "
+                         "ImageClassifier models; to certify your own LightningModule on your own datamodule, give "
+                         "model={'class_path': 'my_pkg.MyModule', 'init_args': {...}}")
     indices, test_images, test_labels = _test_points(data.test_set, num_test_points, test_indices)
     train_images, train_labels = dataset_tensors(data.train_set)
     return _Data(data, num_classes, in_chans, int(getattr(data, "batch_size", 128)), train_images, train_labels,
@@ -516,6 +668,8 @@ class _TrainingSets:
         ``train_batch_transform`` (None without one), or DPA's ``(images, labels)`` and None."""
         if self.partition is not None:
             keep = self.partition == i
+            if self.data.user is not None:  # the user's own items (layout, augmentation, normalisation)
+                return Subset(self.data.user.train_set, torch.nonzero(keep).flatten().tolist()), None
             return (self.data.train_images[keep], self.data.train_labels[keep]), None
         wrapper_cls, wrapper_args = self.wrapper
         wrapper = wrapper_cls(base=self.data.module, seed=i, **wrapper_args)
@@ -541,10 +695,12 @@ def _setup_is_collective(wrapper_cls: type) -> bool:
 # --------------------------------------------------------------------------- resume
 
 
-def _resume_key(mode: str, seed: int, data: _Data, model_args: dict, training: TrainingOptions,
-                wrapper: Optional[tuple[type, dict]], sigma: Optional[float], num_models: int) -> dict:
+def _resume_key(mode: str, seed: int, data: _Data, model_args: Optional[dict], training: TrainingOptions,
+                wrapper: Optional[tuple[type, dict]], sigma: Optional[float], num_models: int,
+                user: Optional[tuple[type, dict]] = None) -> dict:
     """Everything that determines a model's votes. In smoothing mode m is not in it: a larger m reuses the
-    models already trained."""
+    models already trained. A user's module: its class path and init_args (with defaults), the classes, and
+    the pixel spaces of the training and test data."""
     key = {
         "format": FORMAT_VERSION,
         "mode": mode,
@@ -552,7 +708,8 @@ def _resume_key(mode: str, seed: int, data: _Data, model_args: dict, training: T
         "data": {"class": f"{type(data.module).__module__}.{type(data.module).__qualname__}",
                  "train_sha256": fingerprint(data.train_images, data.train_labels),
                  "test_sha256": fingerprint(data.test_indices, data.test_images, data.test_labels)},
-        "model": _with_defaults(ImageClassifier, model_args, {"num_classes", "in_chans"}),
+        "model": _with_defaults(ImageClassifier, model_args, {"num_classes", "in_chans"}) if user is None else {
+            "class_path": f"{user[0].__module__}.{user[0].__qualname__}", "init_args": _with_defaults(*user, set())},
         "training": {"max_epochs": training.max_epochs, "limit_train_batches": training.limit_train_batches,
                      "batch_size": data.batch_size},
     }
@@ -563,6 +720,9 @@ def _resume_key(mode: str, seed: int, data: _Data, model_args: dict, training: T
                             "certified_sigma": sigma}
     else:
         key["num_partitions"] = num_models
+    if user is not None:
+        spaces = {"train_space": data.user.train_space, "test_space": data.user.test_space}
+        key["data"].update(num_classes=data.num_classes, **{k: [s.mean, s.std] for k, s in spaces.items()})
     return key
 
 
@@ -597,15 +757,16 @@ def _open_vote_store(collective: Collective, output_dir: Path, key: Optional[dic
 def _train_sharded(collective: Collective, todo: list[int], models_per_batch: int, store: Optional[VoteStore],
                    training_sets: _TrainingSets, *, build, test_images: Tensor, seed: int, training: TrainingOptions,
                    batch_size: int, progress_bar: bool, test_sigma: Optional[float] = None,
-                   test_keys: Optional[np.ndarray] = None) -> list[int]:
+                   test_keys: Optional[np.ndarray] = None, train_user=None) -> list[int]:
     """Rounds of ``world * models_per_batch`` models: each rank trains its share, rank 0 stores all.
 
     With ``training_sets.shared`` every rank sets up every model's training set of the round, in the same
     order (a wrapper like DiffusionPurifiedDataModule then shares each draw's purification over the
     ranks), and reads only its own; otherwise each rank sets up only its own models' sets. With
     ``test_sigma`` (RAB) each model votes on its own noised test inputs, keyed by ``test_keys``. Each
-    model's batches go through its wrapper's ``train_batch_transform``. Returns the models trained, in order
-    (the same on every rank).
+    model's batches go through its wrapper's ``train_batch_transform``. With ``train_user`` (a user's
+    LightningModule, one model per rank and round) ``train_user(i, training set, batch transform)`` trains model
+    i and returns its votes. Returns the models trained, in order (the same on every rank).
     """
     world, rank = collective.world_size, collective.rank
     per_round = world * models_per_batch
@@ -615,7 +776,9 @@ def _train_sharded(collective: Collective, todo: list[int], models_per_batch: in
         mine = chunk[rank * models_per_batch : (rank + 1) * models_per_batch]
         sets = {i: training_sets.set_up(i) for i in (chunk if training_sets.shared else mine)}
         votes = {}
-        if mine:
+        if mine and train_user is not None:
+            votes = {i: train_user(i, *sets[i]).numpy() for i in mine}
+        elif mine:
             group = train_and_vote(
                 [build(i) for i in mine], mine, [training_sets.tensors(sets[i][0]) for i in mine], test_images,
                 seed=seed, max_epochs=training.max_epochs, batch_size=batch_size,

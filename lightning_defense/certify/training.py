@@ -19,27 +19,40 @@ For RAB (Weber et al.) each model also votes on noised test inputs: model ``i`` 
 (its index in the test split) as ``x_t + sigma * N(0, I)``, the normal draw keyed by
 ``(seed, i, TEST_NOISE)`` and ``t`` through :func:`~lightning_defense.core.rng.per_sample_normal`, so
 its votes do not depend on the group, the rank, or which other test points are certified.
+
+A user's own ``LightningModule`` (:func:`build_user_model`, :func:`train_user_and_vote`) trains one at a
+time by its own ``training_step`` and ``configure_optimizers``, on batches of its own form from a loader
+like its own training loader (:func:`user_loader`), in the same plain loop; it votes with the argmax of
+``module(x)`` on the test points given in its own input space. Its streams are keyed as above: INIT for
+the construction, SHUFFLE for the order, AUGMENT for the global RNG its dataset transform and layers draw
+from (with loader workers, their seeds come from the SHUFFLE generator).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
-from typing import Optional
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
+
+import lightning as L
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_defense.models.augment import random_crop_flip
+from lightning_defense.core.pixels import Layout, PixelSpace
 from lightning_defense.core.recipe import sgd_with_steps
 from lightning_defense.core.rng import generator, per_sample_normal, seed_for
 from lightning_defense.models.classifier import ImageClassifier
 
-__all__ = ["BatchTransform", "build_model", "rab_test_noise", "train_and_vote"]
+__all__ = ["BatchTransform", "build_model", "build_user_model", "rab_test_noise", "train_and_vote",
+           "train_user_and_vote", "user_loader"]
 
 # Independent random streams of one model, keyed by (seed, model index, stream).
 INIT, SHUFFLE, AUGMENT, TEST_NOISE, BATCH_TRANSFORM = 0, 1, 2, 3, 4
@@ -181,3 +194,163 @@ def train_and_vote(
                 logits = models[0](x[0] if test_sigma is not None else x)[None]
             votes.append(logits.argmax(dim=-1).cpu())
     return torch.cat(votes, dim=1)
+
+
+# --------------------------------------------------------------------------- a user's own LightningModule
+
+
+def build_user_model(cls: type, init_args: Mapping, seed: int, index: int) -> L.LightningModule:
+    """``cls(**init_args)``, a user's LightningModule class, for model ``index``, initialised from its own stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_for(seed, index, INIT))
+        return cls(**init_args)
+
+
+def user_loader(template: DataLoader, dataset: Dataset, seed: int, index: int) -> DataLoader:
+    """A loader like the user's training loader ``template`` (its batch size, collate, drop_last, workers) over
+    ``dataset``, shuffled by model ``index``'s SHUFFLE stream.
+
+    Raises:
+        ValueError: ``template`` has no batch size (a custom batch sampler).
+    """
+    if template.batch_size is None:
+        raise ValueError(f"the training loader has no batch_size (batch_sampler={template.batch_sampler!r}); the "
+                         "certification loop rebuilds it over each model's training set and needs "
+                         "DataLoader(dataset, batch_size=..., ...)")
+    workers = template.num_workers
+    return DataLoader(dataset, batch_size=template.batch_size, shuffle=True, generator=generator(seed, index, SHUFFLE),
+                      collate_fn=template.collate_fn, drop_last=template.drop_last, num_workers=workers,
+                      worker_init_fn=template.worker_init_fn, pin_memory=template.pin_memory,
+                      multiprocessing_context=template.multiprocessing_context)
+
+
+def pixel_batch_transform(transform: BatchTransform, layout: Layout,
+                          space: PixelSpace) -> Callable[[Any, torch.Generator], Any]:
+    """A wrapper's ``train_batch_transform`` (on [0, 1] pixels) applied to a batch of the user's form."""
+
+    def apply(batch: Any, gen: torch.Generator) -> Any:
+        images, _, _ = layout.split(batch)
+        return layout.with_image(batch, space.from_pixels(transform(space.to_pixels(images), gen)))
+
+    return apply
+
+
+def _optimizer_and_schedulers(module: L.LightningModule) -> tuple[torch.optim.Optimizer, list[tuple[Any, str]]]:
+    """``module.configure_optimizers()`` read as Lightning reads it, for one optimizer: ``(optimizer, [(scheduler,
+    interval)])``. Forms: an optimizer, ``[optimizer]``, ``([optimizer], [schedulers])``, ``{"optimizer": ...,
+    "lr_scheduler": scheduler or {"scheduler": ..., "interval": "epoch" | "step"}}`` or a one-element list of it."""
+    conf = module.configure_optimizers()
+    name = type(module).__name__
+    schedulers: list = []
+    if isinstance(conf, (list, tuple)) and len(conf) == 1:
+        conf = conf[0]
+    if isinstance(conf, Mapping):
+        optimizers = [conf.get("optimizer")]
+        schedulers = [conf["lr_scheduler"]] if conf.get("lr_scheduler") is not None else []
+    elif isinstance(conf, (list, tuple)) and len(conf) == 2 and isinstance(conf[0], (list, tuple)):
+        optimizers, schedulers = list(conf[0]), (list(conf[1]) if isinstance(conf[1], (list, tuple)) else [conf[1]])
+    else:
+        optimizers = list(conf) if isinstance(conf, (list, tuple)) else [conf]
+    if len(optimizers) != 1 or not isinstance(optimizers[0], torch.optim.Optimizer):
+        raise ValueError(f"{name}.configure_optimizers() must give one torch optimizer (alone, in a list, or as "
+                         f"{{'optimizer': ..., 'lr_scheduler': ...}}) for the certification loop; got {conf!r}")
+    steps = []
+    for entry in schedulers:
+        scheduler = entry.get("scheduler") if isinstance(entry, Mapping) else entry
+        interval = entry.get("interval", "epoch") if isinstance(entry, Mapping) else "epoch"
+        if interval not in ("epoch", "step") or isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError(f"{name}.configure_optimizers(): the certification loop steps schedulers per epoch or "
+                             f"per step (no monitored metric); got {entry!r}")
+        steps.append((scheduler, interval))
+    return optimizers[0], steps
+
+
+def train_user_and_vote(
+    module: L.LightningModule,
+    index: int,
+    loader: DataLoader,
+    test_pixels: Tensor,
+    space: PixelSpace,
+    num_classes: int,
+    *,
+    seed: int,
+    max_epochs: int,
+    limit_train_batches: Optional[int],
+    device: torch.device,
+    eval_batch_size: int = 1024,
+    test_sigma: Optional[float] = None,
+    test_keys: Optional[Sequence[int]] = None,
+    batch_transform: Optional[Callable[[Any, torch.Generator], Any]] = None,
+) -> Tensor:
+    """Trains a user's LightningModule by its own ``training_step`` and ``configure_optimizers`` and returns its
+    votes, the argmax of ``module(space.from_pixels(p))`` on the test pixels ``p``.
+
+    No Trainer is attached (``self.log`` is a no-op, as Lightning allows); the module's other hooks are not
+    called. Only automatic optimization with one optimizer is supported; schedulers step per epoch (or per
+    step, with ``"interval": "step"``).
+
+    Args:
+        module: Built by :func:`build_user_model`.
+        index: The model's index (keys its AUGMENT, BATCH_TRANSFORM and TEST_NOISE streams).
+        loader: Its training batches, in the user's form (see :func:`user_loader`).
+        test_pixels: (T, C, H, W) test points in [0, 1] pixels.
+        space: The user's input space: the module sees ``space.from_pixels`` of the test pixels.
+        num_classes: The classes a vote may name; the module must give that many scores.
+        batch_transform: ``(batch, generator) -> batch``, a wrapper's per-batch rewrite (see
+            :func:`pixel_batch_transform`), drawing from the CPU stream keyed by ``(seed, index, BATCH_TRANSFORM)``.
+        Others: As :func:`train_and_vote`.
+
+    Returns:
+        LongTensor (T,): the module's prediction on each test point, on the CPU.
+
+    Raises:
+        ValueError: Manual optimization, an optimizer configuration it cannot run, or scores that are not (B,
+            num_classes).
+    """
+    name = type(module).__name__
+    if not module.automatic_optimization:
+        raise ValueError(f"{name} uses manual optimization (automatic_optimization=False), which needs a Trainer; "
+                         "the certification loop runs training_step with automatic optimization only")
+    transform_gen = generator(seed, index, BATCH_TRANSFORM)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*trainer.*")  # no Trainer: self.log does nothing
+        torch.manual_seed(seed_for(seed, index, AUGMENT))
+        module = module.to(device).train()
+        optimizer, schedulers = _optimizer_and_schedulers(module)
+        for _ in range(max_epochs):
+            for batch_idx, batch in enumerate(loader):
+                if limit_train_batches is not None and batch_idx >= limit_train_batches:
+                    break
+                batch = module.transfer_batch_to_device(batch, device, 0)
+                if batch_transform is not None:
+                    batch = batch_transform(batch, transform_gen)
+                out = module.training_step(batch, batch_idx)
+                loss = out.get("loss") if isinstance(out, Mapping) else out
+                if loss is None:  # Lightning skips the step
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for scheduler, interval in schedulers:
+                    if interval == "step":
+                        scheduler.step()
+            for scheduler, interval in schedulers:
+                if interval == "epoch":
+                    scheduler.step()
+
+        module.eval()
+        votes = []
+        with torch.no_grad():
+            for start in range(0, len(test_pixels), eval_batch_size):
+                x = test_pixels[start : start + eval_batch_size]
+                if test_sigma is not None:
+                    keys = torch.as_tensor(np.asarray(test_keys[start : start + eval_batch_size]), dtype=torch.long)
+                    x = x + test_sigma * rab_test_noise(seed, index, keys, tuple(x.shape[1:])).to(x.dtype)
+                scores = module(space.from_pixels(x).to(device))
+                if not isinstance(scores, Tensor) or scores.ndim != 2 or scores.shape[1] != num_classes:
+                    shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+                    raise ValueError(f"{name}(x) must give (batch, num_classes={num_classes}) class scores to vote "
+                                     f"with; got {shape}. Set num_classes if the data's labels do not show every class")
+                votes.append(scores.argmax(dim=1).cpu())
+    return torch.cat(votes)

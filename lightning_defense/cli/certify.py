@@ -3,6 +3,10 @@
 ``certify --config configs/digits/certify.yaml`` runs :func:`~lightning_defense.certify.loop.run_certification`;
 with ``sigmas: [...]`` it runs once per sigma (into ``output_dir/sigma_<s>``) and plots all of them together.
 ``certify-plot RUN_DIR ... --output fig.png`` draws finished runs on one plot.
+
+The models are ImageClassifier (its arguments under ``model``), or a user's own LightningModule named by class
+path (``--model my_pkg.MyModule`` or ``model: {class_path: ..., init_args: ...}``) trained on a user's own
+datamodule (``--data my_pkg.MyDataModule``) by its own ``training_step`` and ``configure_optimizers``.
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ from lightning_defense.certify.loop import (
     plot_runs,
     run_certification,
 )
+from lightning_defense.cli.fit import model_class_path
+from lightning_defense.core.config import resolve_class
 from lightning_defense.models.classifier import ImageClassifier
 
 
-def build_parser() -> ArgumentParser:
-    """The ``certify`` parser: ``data`` / ``smoothing`` / ``model`` / ``trainer`` sections and the loop's options."""
+def build_parser(user_model: bool = False) -> ArgumentParser:
+    """The ``certify`` parser: ``data`` / ``smoothing`` / ``model`` / ``trainer`` sections and the loop's options.
+
+    ``user_model``: the ``model`` section names a LightningModule by ``class_path``/``init_args`` (else it holds
+    ImageClassifier's arguments)."""
     parser = ArgumentParser(prog="lightning-defense certify", description=__doc__.splitlines()[0],
                             default_meta=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML config (see configs/*/certify.yaml).")
@@ -62,7 +71,14 @@ def build_parser() -> ArgumentParser:
              "default GaussianNoiseDataModule (Gaussian-only, Hong et al.; RAB's training noise in rab mode); "
              "null in dpa mode.")
     parser.set_defaults(smoothing=DEFAULT_SMOOTHING)
-    parser.add_class_arguments(ImageClassifier, "model", skip={"num_classes", "in_chans"})
+    if user_model:
+        parser.add_subclass_arguments(L.LightningModule, "model", required=True, instantiate=False,
+                                      help="Your LightningModule (class_path/init_args), built per model.")
+    else:
+        parser.add_class_arguments(ImageClassifier, "model", skip={"num_classes", "in_chans"})
+    parser.add_argument("--num_classes", type=Optional[int], default=None,
+                        help="Your LightningModule: the number of classes (default: data.num_classes, else the "
+                             "largest label + 1).")
     parser.add_class_arguments(TrainingOptions, "trainer")
     return parser
 
@@ -97,12 +113,16 @@ def _print_summary(result, label: str = "") -> None:
 
 def run_certify(argv: list[str]) -> None:
     """``lightning-defense certify --config configs/digits/certify.yaml``."""
-    parser = build_parser()
+    parser = build_parser(user_model=model_class_path(argv) is not None)
     cfg = parser.parse_args(argv)
     init = parser.instantiate_classes(cfg)
+    model = cfg.model.as_dict()
+    if "class_path" in model and resolve_class(model["class_path"], L.LightningModule, "model") is ImageClassifier:
+        for linked in ("num_classes", "in_chans"):  # from the data, as without class_path
+            (model.get("init_args") or {}).pop(linked, None)
     kwargs = dict(
-        model=cfg.model.as_dict(), mode=cfg.mode, num_models=cfg.num_models, n0=cfg.n0, selection=cfg.selection,
-        alpha=cfg.alpha, num_test_points=cfg.num_test_points, test_indices=cfg.test_indices,
+        model=model, num_classes=cfg.num_classes, mode=cfg.mode, num_models=cfg.num_models, n0=cfg.n0,
+        selection=cfg.selection, alpha=cfg.alpha, num_test_points=cfg.num_test_points, test_indices=cfg.test_indices,
         training=init.trainer, seed=cfg.seed, max_models=cfg.max_models, report_radii=cfg.report_radii,
         progress_bar=cfg.progress_bar, collective_data_setup=cfg.collective_data_setup,
     )

@@ -2,17 +2,76 @@
 
 ``fit``, ``validate``, ``test`` and ``predict`` take ``--config configs/...yaml`` with ``model``, ``data``
 and ``trainer`` sections; ``--print_config`` prints a starting config.
+
+The model is :class:`~lightning_defense.models.ImageClassifier` (its arguments directly under ``model``, as
+in every config of ``configs/``), or a user's own LightningModule named by class path: ``--model
+my_pkg.MyModule``, ``--model.class_path my_pkg.MyModule`` or a config's ``model: {class_path: ...,
+init_args: ...}``. The defenses come from the config as ``trainer.callbacks`` (``--trainer.callbacks+=
+lightning_defense.callbacks.FriendsNoise``) or as a data wrapper (``--data
+lightning_defense.datamodules.GaussianNoiseDataModule --data.base my_pkg.MyDataModule``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+import re
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional
 
+import lightning as L
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_defense.core.config import resolve_class
 from lightning_defense.models.classifier import ImageClassifier
+
+#: The data's attribute -> the model argument it is linked into.
+LINKS = (("num_classes", "num_classes"), ("num_channels", "in_chans"))
+
+_CLASS_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
+
+
+def model_class_path(argv: Any) -> Optional[str]:
+    """The model class that a command line names, if any (the last one wins, as for the parser): ``--model
+    my_pkg.MyModule``, ``--model.class_path my_pkg.MyModule``, ``--model`` or ``--config`` naming a YAML
+    (file or text) with a ``class_path`` under ``model``. None: the model is ImageClassifier."""
+    if not isinstance(argv, (list, tuple)):
+        return None
+    found = None
+    for i, token in enumerate(argv):
+        if not isinstance(token, str) or not token.startswith("-"):
+            continue
+        name, eq, value = token.partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) and isinstance(argv[i + 1], str) else None
+        if name in ("--config", "-c"):
+            config = _yaml(value)
+            found = _class_path(config.get("model") if isinstance(config, dict) else None) or found
+        elif name == "--model":
+            found = _class_path(_yaml(value)) or found
+        elif name == "--model.class_path" and value:
+            found = value
+    return found
+
+
+def _yaml(value: Optional[str]) -> Any:
+    if value is None:
+        return None
+    try:
+        path = Path(value)
+        return yaml.safe_load(path.read_text() if path.is_file() else value)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def _class_path(value: Any) -> Optional[str]:
+    if isinstance(value, dict):
+        value = value.get("class_path")
+    return value if isinstance(value, str) and _CLASS_PATH.match(value) else None
+
 
 class DefenseCLI(LightningCLI):
     """LightningCLI with the data's ``num_classes`` / ``num_channels`` linked into the model.
@@ -22,12 +81,41 @@ class DefenseCLI(LightningCLI):
     The fit configs name a ``ModelCheckpoint(save_last=True)`` in place of Lightning's default one (its
     ``last.ckpt`` is what a run resumes from); like the default one it goes away with
     ``--trainer.enable_checkpointing=false``.
+
+    Args:
+        user_model: A user's LightningModule class (the model is then a ``class_path``/``init_args`` argument):
+            ``num_classes``/``num_channels`` are linked into its ``num_classes``/``in_chans`` only where it takes
+            them and the data has them (otherwise its own configured value stands); a configured value other
+            than its default that disagrees with the data's is an error. None: ImageClassifier, linked always.
     """
+
+    def __init__(self, *args: Any, user_model: Optional[type] = None, **kwargs: Any) -> None:
+        self.user_model = user_model
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False, help="Run the test split after fit.")
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.num_channels", "model.in_chans", apply_on="instantiate")
+        if self.user_model is None:
+            parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+            parser.link_arguments("data.num_channels", "model.in_chans", apply_on="instantiate")
+            return
+        params = inspect.signature(self.user_model.__init__).parameters
+        for source, target in LINKS:
+            if target in params:
+                parser.link_arguments("data", f"model.init_args.{target}", apply_on="instantiate",
+                                      compute_fn=partial(self._linked, source, target, params[target].default))
+
+    def _linked(self, source: str, target: str, default: Any, data: L.LightningDataModule) -> Any:
+        """The value linked into the user's model: the data's, else the model's configured one."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        configured = config["model"]["init_args"].get(target)
+        value = getattr(data, source, None)
+        if value is None:
+            return configured
+        if configured is not None and configured != value and configured != default:
+            raise ValueError(f"model.init_args.{target}={configured} disagrees with data.{source}={value}; "
+                             f"drop model.init_args.{target} (it comes from the data)")
+        return value
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -46,15 +134,16 @@ class DefenseCLI(LightningCLI):
 
 
 def build_cli(args: Optional[list[str]] = None, run: bool = True) -> DefenseCLI:
-    """Build (and by default run) the LightningCLI for ``args``."""
-    import lightning as L
-
-    return DefenseCLI(
-        ImageClassifier,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    """Build (and by default run) the LightningCLI for ``args``: ImageClassifier, or the LightningModule the
+    arguments name (see :func:`model_class_path`)."""
+    common = dict(subclass_mode_data=True, args=args, run=run, save_config_kwargs={"overwrite": True},
+                  auto_configure_optimizers=False)
+    named = model_class_path(sys.argv[1:] if args is None else args)
+    if named is None:
+        return DefenseCLI(ImageClassifier, L.LightningDataModule, **common)
+    try:
+        user_model = resolve_class(named, L.LightningModule, "--model")
+    except ValueError:
+        user_model = L.LightningModule  # no links; the parser reports the class path
+    return DefenseCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, user_model=user_model,
+                      **common)

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from lightning_defense.core.batch import IndexedDataset, dataset_tensors
+from lightning_defense.core.pixels import Normalization, PixelView
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
 from lightning_defense.models import ImageClassifier
 
@@ -65,9 +66,13 @@ class DeepKNNFilterDataModule(TrainSplitWrapper):
         backbone: Backbone name for the model trained when ``feature_model`` is None.
         epochs: Epochs of that training.
         seed: Seed of that training (the training loader shuffles with ``base``'s seed, as ``fit`` would).
+        normalization: ``(mean, std)`` of ``base``'s training images, when its transform and attributes do not say
+            (see :class:`~lightning_defense.datamodules.wrapper.TrainSplitWrapper`).
 
     After ``setup``, ``kept_indices`` maps the filtered split back to the base split and ``report``
-    holds ``removed``, ``true_positives`` and ``false_positives``.
+    holds ``removed``, ``true_positives`` and ``false_positives``. On a user's datamodule the kept samples are
+    the user's own items (its augmentation and normalisation), the features come from their [0, 1] pixels, and
+    ``num_classes`` is ``base``'s, else ``max(label) + 1``.
     """
 
     def __init__(
@@ -78,8 +83,9 @@ class DeepKNNFilterDataModule(TrainSplitWrapper):
         backbone: str = "small_cnn",
         epochs: int = 10,
         seed: int = 0,
+        normalization: Optional[Normalization] = None,
     ) -> None:
-        super().__init__(base)
+        super().__init__(base, normalization)
         if k < 1:
             raise ValueError(f"k must be >= 1; got {k}")
         if epochs < 1:
@@ -92,21 +98,23 @@ class DeepKNNFilterDataModule(TrainSplitWrapper):
         self.kept_indices: Optional[Tensor] = None
         self.report: dict[str, int] = {}
 
-    def _train_feature_model(self) -> L.LightningModule:
+    def _train_feature_model(self, train_set: Dataset, num_classes: int, num_channels: int) -> L.LightningModule:
         L.seed_everything(self.seed, verbose=False)
-        model = ImageClassifier(self.backbone, num_classes=self.num_classes, in_chans=self.num_channels, lr=0.05, flip=False)
+        model = ImageClassifier(self.backbone, num_classes=num_classes, in_chans=num_channels, lr=0.05, flip=False)
         trainer = L.Trainer(
             max_epochs=self.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         )
-        trainer.fit(model, train_dataloaders=self._loader(self.base.train_set, shuffle=True))
+        trainer.fit(model, train_dataloaders=self._loader(train_set, shuffle=True))
         return model
 
     def wrap_train(self, train_set: Dataset) -> Dataset:
         images, labels = dataset_tensors(train_set)
-        model = self.feature_model or self._train_feature_model()
+        num_classes = self.num_classes or int(labels.max()) + 1
+        model = self.feature_model or self._train_feature_model(
+            train_set, num_classes, self.num_channels or images.shape[1])
         k = min(self.k, len(images) - 1)
-        removed = knn_disagreement(penultimate_features(model, images), labels, k, self.num_classes)
+        removed = knn_disagreement(penultimate_features(model, images), labels, k, num_classes)
         self.kept_indices = (~removed).nonzero().flatten()
         removed_idx = removed.nonzero().flatten()
         self.report = {"k": k, "removed": len(removed_idx)}
@@ -117,3 +125,14 @@ class DeepKNNFilterDataModule(TrainSplitWrapper):
                             "poisons": len(poison_set.indices)}
         rank_zero_info(f"Deep k-NN filter: {self.report}")
         return IndexedDataset(images[self.kept_indices], labels[self.kept_indices])
+
+    def dressed(self, pixels: Dataset) -> Dataset:
+        """The kept samples in ``base``'s form: a user's training set becomes its subset ``kept_indices``."""
+        view = self.view
+        if not view.native:
+            space = view.space
+            keys = {f"{what}_key": key for what, key in (("image", view.layout.image), ("label", view.layout.label))
+                    if isinstance(key, str)}
+            self.view = PixelView(Subset(view.dataset, self.kept_indices.tolist()),
+                                  None if space.identity else (space.mean, space.std), owner=self.base, **keys)
+        return super().dressed(pixels)

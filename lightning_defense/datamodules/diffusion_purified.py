@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from lightning_defense.core.batch import dataset_tensors
 from lightning_defense.core.collective import Collective
+from lightning_defense.core.pixels import Normalization
 from lightning_defense.core.store import (
     STORAGE_DTYPES,
     CachedImageDataset,
@@ -63,6 +64,8 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
         storage: ``uint8`` (4x smaller, 1/255 rounding) or ``float16``.
         device: ``auto`` (this rank's GPU if there is one, else CPU), ``cpu`` or ``cuda[:i]``.
         progress: Show a progress bar (rank 0).
+        normalization: ``(mean, std)`` of ``base``'s training images, when its transform and attributes do not say
+            (see :class:`~lightning_defense.datamodules.wrapper.TrainSplitWrapper`).
 
     Raises:
         ValueError: sigma/timestep/steps/batch_size/storage out of range.
@@ -90,8 +93,9 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
         storage: str = "uint8",
         device: str = "auto",
         progress: bool = True,
+        normalization: Optional[Normalization] = None,
     ) -> None:
-        super().__init__(base)
+        super().__init__(base, normalization)
         if (sigma is None) == (timestep is None):
             raise ValueError(f"give exactly one of sigma and timestep; got sigma={sigma}, timestep={timestep}")
         if sigma is not None and not sigma > 0:
@@ -124,8 +128,8 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.base.setup(stage)
-        if self.train_set is None:
-            self.purify()  # a no-op when prepare_data (or an earlier run) finished the cache
+        if self.train_set is None and self.cache is None and self.builds_train(stage):
+            self.purify()  # not again when prepare_data (in this process) made sure of the cache
         super().setup(stage)
 
     def wrap_train(self, train_set: Dataset) -> Dataset:
@@ -202,8 +206,12 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
         )
 
     def _train_images(self) -> torch.Tensor:
+        """``base``'s training images as [0, 1] pixels (a user's datamodule read through its pixel view)."""
         self.base.setup("fit")
-        return dataset_tensors(self.base.train_set)[0]
+        view, triples = self.train_pixels()
+        images = dataset_tensors(triples)[0]
+        view.space.check(images, type(self).__name__, f"{type(self.base).__name__} training set")
+        return images
 
     def purify_range(self, model: Denoiser, images, start: int, stop: int, t_star: int, sigma: float, device) -> np.ndarray:
         """Purify samples ``[start, stop)`` batch by batch, under inference mode; return their stored form."""
@@ -229,12 +237,7 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
         return timestep_for_sigma(denoiser.alphas_cumprod, self.sigma), self.sigma
 
     def _check_images(self, images: torch.Tensor, denoiser: Denoiser) -> None:
-        low, high = float(images.min()), float(images.max())
-        if low < 0.0 or high > 1.0:
-            raise ValueError(
-                f"{type(self.base).__name__}'s training images must be in [0, 1] (the denoiser maps them to "
-                f"[-1, 1]); got values in [{low:.3g}, {high:.3g}]. Do not normalise in the datamodule."
-            )
+        """The denoiser's channels and size (the [0, 1] range is checked as the pixels are read)."""
         if images.shape[1] != denoiser.in_channels:
             raise ValueError(
                 f"the denoiser {denoiser.source} takes {denoiser.in_channels}-channel images; the training "

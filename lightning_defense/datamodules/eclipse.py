@@ -30,16 +30,16 @@ from typing import Optional, Sequence, Union
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from lightning_defense.core.batch import IndexedDataset, dataset_tensors
+from lightning_defense.core.pixels import Normalization, PixelView
 from lightning_defense.core.store import ChunkCache, fingerprint
 from lightning_defense.datamodules.diffusion_purified import (
     DiffusionPurifiedDataModule,
     check_purification_args,
     resolve_device,
 )
-from lightning_defense.datamodules.wrapper import TrainSplitWrapper
+from lightning_defense.datamodules.wrapper import TrainSplitWrapper, split_dataset
 from lightning_defense.diffusion.denoise import sigma_at_timestep
 from lightning_defense.diffusion.denoiser import Denoiser
 from lightning_defense.diffusion.sparse import SparseDenoiserBuilder, replicate
@@ -125,6 +125,8 @@ class EclipseDataModule(TrainSplitWrapper):
         storage: ``uint8`` or ``float16``.
         device: ``auto``, ``cpu`` or ``cuda[:i]`` for diffusion training and purification.
         progress: Progress bars (rank 0).
+        normalization: ``(mean, std)`` of ``base``'s training images, when its transform and attributes do not say
+            (see :class:`~lightning_defense.datamodules.wrapper.TrainSplitWrapper`).
 
     Raises:
         ValueError: an argument out of range, D_s larger than the validation split, or D_s overlapping
@@ -170,6 +172,7 @@ class EclipseDataModule(TrainSplitWrapper):
         storage: str = "uint8",
         device: str = "auto",
         progress: bool = True,
+        normalization: Optional[Normalization] = None,
     ) -> None:
         if not 0.0 < clean_fraction <= 1.0:
             raise ValueError(f"clean_fraction (B/N) must be in (0, 1]; got {clean_fraction} (the paper uses 0.04)")
@@ -187,7 +190,7 @@ class EclipseDataModule(TrainSplitWrapper):
                 f"got {type(clean_subset).__name__}"
             )
         check_purification_args(batch_size, chunk_size, storage, device)
-        super().__init__(base)
+        super().__init__(base, normalization)
         self.clean_subset = list(clean_subset) if isinstance(clean_subset, (list, tuple)) else clean_subset
         self.clean_fraction = float(clean_fraction)
         self.clean_size = clean_size
@@ -221,8 +224,8 @@ class EclipseDataModule(TrainSplitWrapper):
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.base.setup(stage)
-        if self.diffusion and self.train_set is None:
-            self.purify()  # a no-op when prepare_data (or an earlier run) finished the cache
+        if self.diffusion and self.train_set is None and self.cache is None and self.builds_train(stage):
+            self.purify()  # not again when prepare_data (in this process) made sure of the cache
         super().setup(stage)
 
     def wrap_train(self, train_set: Dataset) -> Dataset:
@@ -266,6 +269,14 @@ class EclipseDataModule(TrainSplitWrapper):
         return sigma_at_timestep(schedule.alphas_cumprod, self.t_star - 1)
 
     # -- Algorithm 1: the sparse set, the denoiser, the purification ----------------------------------
+    def pixels(self, dataset: Dataset, owner: L.LightningDataModule, what: str) -> Tensor:
+        """The images of one of the datamodule ``owner``'s splits as [0, 1] pixels (through its
+        :class:`~lightning_defense.core.pixels.PixelView`: a user's layout and normalisation are read, the
+        range is checked)."""
+        normalization = self._normalization if owner is self.base else None
+        view = PixelView(dataset, normalization, owner=owner)
+        return view.tensors(f"EclipseDataModule ({what} of {type(owner).__name__})")[0]
+
     def sparse_set(self) -> Tensor:
         """D_s as [0, 1] images (user indices or datamodule, else a seeded sample of the validation split).
 
@@ -274,16 +285,17 @@ class EclipseDataModule(TrainSplitWrapper):
         """
         self.base.setup("fit")
         base_name = type(self.base).__name__
-        test_set = getattr(self.base, "test_set", None)
+        test_set = split_dataset(self.base, "test")
         if test_set is None:
             raise AttributeError(
-                f"{base_name} has no test_set after setup('fit'); ECLIPSE checks its sparse clean set against the "
-                "test split, so the wrapped datamodule must set train_set, val_set and test_set in setup()"
+                f"{base_name} has no test split after setup('fit'); ECLIPSE checks its sparse clean set against the "
+                "test split, so the wrapped datamodule must set a test_set in setup() or define test_dataloader()"
             )
+        train_set = split_dataset(self.base, "train")
         if isinstance(self.clean_subset, L.LightningDataModule):
             self.clean_subset.setup("fit")
-            images = dataset_tensors(self.clean_subset.train_set)[0]
-            expected = tuple(dataset_tensors(self.base.train_set)[0].shape[1:])
+            images = self.pixels(split_dataset(self.clean_subset, "train"), self.clean_subset, "the training split")
+            expected = tuple(self.train_pixels()[1][0][0].shape)
             if tuple(images.shape[1:]) != expected:
                 raise ValueError(
                     f"clean_subset {type(self.clean_subset).__name__}'s images are shaped {tuple(images.shape[1:])}; "
@@ -291,7 +303,7 @@ class EclipseDataModule(TrainSplitWrapper):
                 )
             self.check_disjoint_from_test(images, test_set, f"the training split of {type(self.clean_subset).__name__}")
             return images
-        held_out = getattr(self.base, "val_set", None)
+        held_out = split_dataset(self.base, "val")
         if held_out is None or len(held_out) == 0:
             raise ValueError(
                 f"{base_name} has no validation split to draw the sparse clean set D_s from; give "
@@ -314,16 +326,16 @@ class EclipseDataModule(TrainSplitWrapper):
                     f"[{int(indices.min()) if len(indices) else '-'}, {int(indices.max()) if len(indices) else '-'}]"
                 )
         else:
-            size = self.clean_size or max(1, round(self.clean_fraction * len(self.base.train_set)))
+            size = self.clean_size or max(1, round(self.clean_fraction * len(train_set)))
             if size > available:
                 raise ValueError(
                     f"the sparse set needs {size} images (clean_size / clean_fraction={self.clean_fraction} of "
-                    f"{len(self.base.train_set)}) but the validation split has {available}; enlarge it or lower them"
+                    f"{len(train_set)}) but the validation split has {available}; enlarge it or lower them"
                 )
             # the published draw of D_s (a torch generator seeded with ``seed``), kept so that results reproduce
             generator = torch.Generator().manual_seed(self.seed)
             indices = torch.randperm(available, generator=generator)[:size].sort().values
-        images = dataset_tensors(held_out)[0][indices]
+        images = self.pixels(held_out, self.base, "the validation split")[indices]
         self.check_disjoint_from_test(images, test_set, f"the validation split of {base_name}")
         return images
 
@@ -333,13 +345,7 @@ class EclipseDataModule(TrainSplitWrapper):
         Raises:
             ValueError: naming how many D_s images are test images and what to use instead.
         """
-        test_keys: set[str] = set()
-        batches = (
-            [test_set.tensors()[0]] if isinstance(test_set, IndexedDataset)
-            else (batch[0] for batch in DataLoader(test_set, batch_size=512, shuffle=False))
-        )
-        for batch in batches:
-            test_keys.update(fingerprint(image.float()) for image in batch)
+        test_keys = {fingerprint(image.float()) for image in self.pixels(test_set, self.base, "the test split")}
         shared = [i for i, image in enumerate(images) if fingerprint(image.float()) in test_keys]
         if shared:
             raise ValueError(
@@ -369,6 +375,7 @@ class EclipseDataModule(TrainSplitWrapper):
                 self.base, denoiser=self.get_denoiser(), sigma=None, timestep=self.t_star - 1, steps=self.t_star,
                 seed=self.seed, batch_size=self.purify_batch_size, chunk_size=self.chunk_size,
                 cache_dir=self.cache_dir, storage=self.storage, device=self.device, progress=self.progress,
+                normalization=self._normalization,
             )
         self._purifier.use_collective(self.collective())
         return self._purifier

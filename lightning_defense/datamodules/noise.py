@@ -7,11 +7,14 @@ test input: that is the certification loop's ``rab`` mode, not this wrapper alon
 
 from __future__ import annotations
 
+from typing import Optional
+
 import lightning as L
 import torch
 from torch.utils.data import Dataset
 
 from lightning_defense.core.batch import IndexedDataset, dataset_tensors
+from lightning_defense.core.pixels import Normalization
 from lightning_defense.core.rng import per_sample_normal
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
 
@@ -26,14 +29,17 @@ class GaussianNoiseDataModule(TrainSplitWrapper):
         base: The (possibly poisoned) datamodule.
         sigma: Noise std in [0, 1] pixel units.
         seed: The noise draw; model i of a certification run uses draw i.
+        normalization: ``(mean, std)`` of ``base``'s training images, when its transform and attributes do not say
+            (see :class:`~lightning_defense.datamodules.wrapper.TrainSplitWrapper`).
 
     Example::
 
         dm = GaussianNoiseDataModule(DigitsDataModule(), sigma=0.25, seed=0)
     """
 
-    def __init__(self, base: L.LightningDataModule, sigma: float = 0.25, seed: int = 0) -> None:
-        super().__init__(base)
+    def __init__(self, base: L.LightningDataModule, sigma: float = 0.25, seed: int = 0,
+                 normalization: Optional[Normalization] = None) -> None:
+        super().__init__(base, normalization)
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0 (noise std in [0,1] pixel units); got {sigma}")
         self.sigma = float(sigma)

@@ -6,12 +6,15 @@ ECLIPSE's Table 1 compares against both: they squeeze out the simple, high-frequ
 
 from __future__ import annotations
 
+from typing import Optional
+
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_defense.core.batch import IndexedDataset, dataset_tensors, require_pixel_range
+from lightning_defense.core.pixels import Normalization
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
 
 ISS_METHODS = ("grayscale", "jpeg")
@@ -49,17 +52,20 @@ class ShortcutSqueezeDataModule(TrainSplitWrapper):
         base: The (possibly poisoned) datamodule.
         method: ``"grayscale"`` or ``"jpeg"``.
         quality: JPEG quality in [1, 100] (ISS uses 10 against l_inf poisons).
+        normalization: ``(mean, std)`` of ``base``'s training images, when its transform and attributes do not say
+            (see :class:`~lightning_defense.datamodules.wrapper.TrainSplitWrapper`).
 
-    The training images must be un-normalised, in [0, 1]; anything else is a clear error in ``setup``,
-    never a silent clip.
+    It acts on [0, 1] pixels: a user's normalised images are un-normalised for it and normalised again
+    after; pixels outside [0, 1] are a clear error in ``setup``, never a silent clip.
 
     Example::
 
         dm = ShortcutSqueezeDataModule(PoisonedDataModule(DigitsDataModule(), "lsp.npz"), method="jpeg")
     """
 
-    def __init__(self, base: L.LightningDataModule, method: str = "jpeg", quality: int = 10) -> None:
-        super().__init__(base)
+    def __init__(self, base: L.LightningDataModule, method: str = "jpeg", quality: int = 10,
+                 normalization: Optional[Normalization] = None) -> None:
+        super().__init__(base, normalization)
         if method not in ISS_METHODS:
             raise ValueError(f"method must be one of {ISS_METHODS}; got {method!r}")
         if not 1 <= quality <= 100:

@@ -132,7 +132,8 @@ def test_bad_inputs_are_clear_errors(ddpm_dir, tmp_path):
     with pytest.raises(ValueError, match=r"sigma=10.0 is out of reach.*largest pixel-space sigma"):
         purified(ddpm_dir, tmp_path, sigma=10.0).setup("fit")
     noisy = GaussianNoiseDataModule(small_digits(), sigma=0.5)
-    with pytest.raises(ValueError, match=r"training images must be in \[0, 1\].*got values in \[-"):
+    with pytest.raises(ValueError, match=r"DiffusionPurifiedDataModule: got GaussianNoiseDataModule training set values "
+                                         r"in \[-.*outside \[0, 1\] pixels.*never clamps"):
         purified(ddpm_dir, tmp_path, base=noisy).setup("fit")
     with pytest.raises(ValueError, match="takes 1-channel images; the training images have 3 channels"):
         purified(ddpm_dir, tmp_path, base=small_digits(num_channels=3)).setup("fit")

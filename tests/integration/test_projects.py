@@ -110,9 +110,9 @@ def test_friends_noise(project, tmp_path):
     original = _train_set(project)
     for i in (0, 5):
         torch.manual_seed(i)
-        got = project.space.to_pixels(Layout.detect(defended[i]).split(defended[i])[0])
+        got = project.space.to_pixels(_image(defended[i]))  # one read each: a read draws the augmentation
         torch.manual_seed(i)
-        raw = project.space.to_pixels(Layout.detect(original[i]).split(original[i])[0])
+        raw = project.space.to_pixels(_image(original[i]))
         expected = (view.item_pixels(i)[0] + noise[i]).clamp(0, 1) - view.item_pixels(i)[0]
         torch.manual_seed(i)
         replay = _augment_like(project, original, expected)
@@ -121,6 +121,10 @@ def test_friends_noise(project, tmp_path):
         misaligned = (view.item_pixels(i)[0] + noise[i + 1]).clamp(0, 1) - view.item_pixels(i)[0]
         torch.manual_seed(i)
         assert not torch.allclose((got - raw)[inside], _augment_like(project, original, misaligned)[inside], atol=2e-3)
+
+
+def _image(item):
+    return Layout.detect(item).split(item)[0]
 
 
 def _train_set(project):
@@ -182,7 +186,7 @@ def test_diffusion_purified(project, tmp_path):
     expected = noise_and_denoise(denoiser, raw, torch.arange(len(raw)), denoiser.alphas_cumprod, t_star, 0.25, 0, 1,
                                  denoiser.variance_type)
     purified = trainer.datamodule.train_set
-    got = project.space.to_pixels(Layout.detect(purified[3]).split(purified[3])[0])
+    got = project.space.to_pixels(_image(purified[3]))
     if project.name == "dict_batches":  # no augmentation: sample 3 is exactly purified pixel 3
         assert torch.allclose(got, expected[3], atol=2e-3)
     assert (expected - raw).abs().mean() > 0.01
@@ -198,7 +202,7 @@ def test_eclipse(project, tmp_path):
     assert_user_form(project, spy)
     raw, _ = PixelView(_train_set(project), owner=project.data()).tensors()
     purified = trainer.datamodule.train_set
-    got = torch.stack([project.space.to_pixels(Layout.detect(purified[i]).split(purified[i])[0]) for i in range(4)])
+    got = torch.stack([project.space.to_pixels(_image(purified[i])) for i in range(4)])
     assert (got - raw[:4]).abs().mean() > 1e-3
 
 
