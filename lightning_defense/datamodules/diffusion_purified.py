@@ -117,6 +117,7 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
         self.device = device
         self.progress = progress
         self.cache: Optional[ChunkCache] = None
+        self._purified_from: Optional[tuple] = None  # (labels, per-image sums) of the set that was purified
         self._denoiser: Optional[Denoiser] = None
 
     # -- Lightning hooks ---------------------------------------------------------------------------
@@ -133,7 +134,14 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
         super().setup(stage)
 
     def wrap_train(self, train_set: Dataset) -> Dataset:
-        _, labels = dataset_tensors(train_set)
+        images, labels = dataset_tensors(train_set)
+        if self._purified_from is not None and not _same_samples(self._purified_from, (images, labels)):
+            raise ValueError(
+                f"{type(self.base).__name__} gave another training set in setup() than the one that was purified "
+                "(other images or labels in some positions): its setup() is not deterministic, e.g. random_split "
+                "without generator=torch.Generator().manual_seed(...). Purified images would be paired with the "
+                "wrong labels; seed the split so every setup() builds the same one"
+            )
         return CachedImageDataset(self.cache.load(), labels)
 
     @property
@@ -209,8 +217,9 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
         """``base``'s training images as [0, 1] pixels (a user's datamodule read through its pixel view)."""
         self.base.setup("fit")
         view, triples = self.train_pixels()
-        images = dataset_tensors(triples)[0]
+        images, labels = dataset_tensors(triples)
         view.space.check(images, type(self).__name__, f"{type(self.base).__name__} training set")
+        self._purified_from = _signature(images, labels)
         return images
 
     def purify_range(self, model: Denoiser, images, start: int, stop: int, t_star: int, sigma: float, device) -> np.ndarray:
@@ -252,6 +261,16 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
 
     def _device(self) -> torch.device:
         return resolve_device(self.device, self.collective())
+
+
+def _signature(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return labels.clone(), images.double().flatten(1).sum(dim=1)
+
+
+def _same_samples(signature: tuple, samples: tuple) -> bool:
+    labels, sums = signature
+    other_labels, other_sums = _signature(*samples)
+    return torch.equal(labels, other_labels) and torch.allclose(sums, other_sums, rtol=0, atol=1e-6)
 
 
 def check_purification_args(batch_size: int, chunk_size: int, storage: str, device: str) -> None:

@@ -304,3 +304,22 @@ def test_unknown_or_wrong_normalisation_is_a_clear_error_naming_the_fix(tmp_path
     with pytest.raises(ValueError, match="takes 1-channel images; the training images have 3 channels"):
         DiffusionPurifiedDataModule(project.datamodule, ddpms[1], cache_dir=str(tmp_path), device="cpu",
                                     progress=False).setup("fit")
+
+
+def test_purification_refuses_a_user_split_that_changes_between_setups(tmp_path, ddpms):
+    """A user's unseeded random_split builds another training set at every setup(): the purified images
+    (from the first) would be paired with the labels of the second. Today's code did that silently."""
+
+    class UnseededFolder(image_folder.FolderDataModule):
+        def setup(self, stage=None):
+            transform = T.Compose([T.Resize((image_folder.SIZE, image_folder.SIZE)), T.ToTensor(),
+                                   T.Normalize(image_folder.MEAN, image_folder.STD)])
+            full = ImageFolder(self.root, transform=transform)
+            self.train_ds, self.val_ds, self.test_ds = torch.utils.data.random_split(full, [32, 8, 8])  # no seed
+
+    root = image_folder.write_image_folder(tmp_path / "folder")
+    wrapped = DiffusionPurifiedDataModule(UnseededFolder(str(root)), ddpms[3], sigma=0.25, cache_dir=str(tmp_path / "c"),
+                                          device="cpu", progress=False)
+    wrapped.prepare_data()
+    with pytest.raises(ValueError, match="setup\\(\\) is not deterministic"):
+        wrapped.setup("fit")
