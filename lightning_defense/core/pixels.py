@@ -348,6 +348,12 @@ class PixelView:
     def __init__(self, dataset: Dataset, normalization: Optional[Normalization] = None, owner: Any = None,
                  image_key: Optional[str] = None, label_key: Optional[str] = None) -> None:
         self.dataset = dataset
+        self._pixels: Optional[Dataset] = None  # a dressed dataset's own pixel triples
+        if isinstance(dataset, DressedDataset):  # a defense's output, read again by another defense
+            inner = dataset.view
+            self.split, self.source, self.space, self.layout = inner.split, inner.source, inner.space, inner.layout
+            self._pixels = dataset.pixels
+            return
         chain, holder = _transform_holder(dataset)
         self.split = split_transform(holder.transform) if holder is not None else None
         self.source = dataset if self.split is None else _with_transform(chain, holder, self.split.prefix)
@@ -378,6 +384,9 @@ class PixelView:
 
     def item_pixels(self, index: int) -> tuple[Tensor, Any]:
         """Sample ``index`` as ``(pixels, label)``, without the user's augmentation."""
+        if self._pixels is not None:
+            image, label, _ = self._pixels[index]
+            return image, label
         image, label, _ = self.layout.split(self.source[index])
         if self.split is not None:
             return _as_float(image), label

@@ -106,3 +106,16 @@ def test_native_datasets_pass_through_unchanged():
     data = IndexedDataset(torch.rand(6, 1, 2, 2), torch.arange(6))
     view = PixelView(data)
     assert view.native and pixel_triples(view) is data and view.dress(data) is data
+
+
+def test_a_defense_reads_another_defenses_output_as_its_pixels():
+    """A wrapper's dressed set (with the user's augmentation tail) read by FRIENDS: its pixels, not a refusal."""
+    dm = torchvision_style.CIFARDataModule()
+    dm.setup()
+    view = PixelView(dm.cifar_train)
+    images, labels = view.tensors()
+    rewritten = IndexedDataset((images * 0.5).contiguous(), labels)
+    again = PixelView(view.dress(rewritten))
+    assert not again.native and again.augments and again.space == view.space
+    assert torch.equal(again.tensors()[0], images * 0.5)
+    assert isinstance(again.dress(rewritten)[0], tuple)
