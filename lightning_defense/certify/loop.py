@@ -80,6 +80,7 @@ from lightning_defense.certify.votes import VoteStore
 from lightning_defense.core.batch import dataset_tensors, to_float_image
 from lightning_defense.core.collective import Collective
 from lightning_defense.core.config import resolve_class
+from lightning_defense.core.device import resolve_device
 from lightning_defense.core.pixels import Layout, PixelSpace, PixelView
 from lightning_defense.core.store import atomic_write, canonical, fingerprint
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper, split_dataset
@@ -507,14 +508,16 @@ def run_certification(
     if max_models is not None:
         todo = todo[:max_models]
 
-    # For i = 1..m: model i trains on D_i and votes on the test points (sharded over the ranks).
+    # For i = 1..m: model i trains on D_i and votes on the test points (sharded over the ranks), on this rank's device.
+    device = resolve_device(collective.device, stage="certify.train")
     trained = _train_sharded(
         collective, todo, 1 if mode == "dpa" else training.models_per_batch, store, training_sets,
         build=lambda i: build_model(model_args, setup.num_classes, setup.in_chans, seed, i),
         test_images=setup.test_images, seed=seed, training=training, batch_size=setup.batch_size,
         progress_bar=progress_bar and collective.rank == 0,
         test_sigma=sigma if mode == "rab" else None, test_keys=setup.test_indices,
-        train_user=None if user is None else _user_trainer(user, setup, seed, training, collective.device,
+        device=device,
+        train_user=None if user is None else _user_trainer(user, setup, seed, training, device,
                                                            sigma if mode == "rab" else None),
     )
 
@@ -757,7 +760,8 @@ def _open_vote_store(collective: Collective, output_dir: Path, key: Optional[dic
 def _train_sharded(collective: Collective, todo: list[int], models_per_batch: int, store: Optional[VoteStore],
                    training_sets: _TrainingSets, *, build, test_images: Tensor, seed: int, training: TrainingOptions,
                    batch_size: int, progress_bar: bool, test_sigma: Optional[float] = None,
-                   test_keys: Optional[np.ndarray] = None, train_user=None) -> list[int]:
+                   test_keys: Optional[np.ndarray] = None, train_user=None,
+                   device: Optional[torch.device] = None) -> list[int]:
     """Rounds of ``world * models_per_batch`` models: each rank trains its share, rank 0 stores all.
 
     With ``training_sets.shared`` every rank sets up every model's training set of the round, in the same
@@ -769,6 +773,7 @@ def _train_sharded(collective: Collective, todo: list[int], models_per_batch: in
     i and returns its votes. Returns the models trained, in order (the same on every rank).
     """
     world, rank = collective.world_size, collective.rank
+    device = collective.device if device is None else device
     per_round = world * models_per_batch
     bar = tqdm(total=len(todo), desc="certify: models", unit="model", disable=not progress_bar)
     for start in range(0, len(todo), per_round):
@@ -782,7 +787,7 @@ def _train_sharded(collective: Collective, todo: list[int], models_per_batch: in
             group = train_and_vote(
                 [build(i) for i in mine], mine, [training_sets.tensors(sets[i][0]) for i in mine], test_images,
                 seed=seed, max_epochs=training.max_epochs, batch_size=batch_size,
-                limit_train_batches=training.limit_train_batches, device=collective.device, use_vmap=len(mine) > 1,
+                limit_train_batches=training.limit_train_batches, device=device, use_vmap=len(mine) > 1,
                 test_sigma=test_sigma, test_keys=test_keys, batch_transforms=[sets[i][1] for i in mine],
             )
             votes = dict(zip(mine, group.numpy()))

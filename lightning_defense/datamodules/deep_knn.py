@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from lightning_defense.core.batch import IndexedDataset, dataset_tensors
+from lightning_defense.core.device import check_device, resolve_device
 from lightning_defense.core.pixels import Normalization, PixelView
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper
 from lightning_defense.models import ImageClassifier
@@ -68,6 +69,8 @@ class DeepKNNFilterDataModule(TrainSplitWrapper):
         seed: Seed of that training (the training loader shuffles with ``base``'s seed, as ``fit`` would).
         normalization: ``(mean, std)`` of ``base``'s training images, when its transform and attributes do not say
             (see :class:`~lightning_defense.datamodules.wrapper.TrainSplitWrapper`).
+        device: Where the feature model trains and embeds: ``auto`` (the attached Trainer's GPU, else a GPU,
+            else the CPU), ``cpu``, ``cuda[:i]`` or ``mps`` (:func:`~lightning_defense.core.device.resolve_device`).
 
     After ``setup``, ``kept_indices`` maps the filtered split back to the base split and ``report``
     holds ``removed``, ``true_positives`` and ``false_positives``. On a user's datamodule the kept samples are
@@ -84,8 +87,10 @@ class DeepKNNFilterDataModule(TrainSplitWrapper):
         epochs: int = 10,
         seed: int = 0,
         normalization: Optional[Normalization] = None,
+        device: str = "auto",
     ) -> None:
         super().__init__(base, normalization)
+        check_device(device)
         if k < 1:
             raise ValueError(f"k must be >= 1; got {k}")
         if epochs < 1:
@@ -95,14 +100,17 @@ class DeepKNNFilterDataModule(TrainSplitWrapper):
         self.backbone = backbone
         self.epochs = epochs
         self.seed = seed
+        self.device = device
         self.kept_indices: Optional[Tensor] = None
         self.report: dict[str, int] = {}
 
     def _train_feature_model(self, train_set: Dataset, num_classes: int, num_channels: int) -> L.LightningModule:
         L.seed_everything(self.seed, verbose=False)
         model = ImageClassifier(self.backbone, num_classes=num_classes, in_chans=num_channels, lr=0.05, flip=False)
+        device = resolve_device(self.device, self.collective(), stage="deep_knn.feature_model")
         trainer = L.Trainer(
-            max_epochs=self.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            max_epochs=self.epochs, accelerator=device.type, devices=[device.index or 0] if device.type == "cuda" else 1,
+            logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         )
         trainer.fit(model, train_dataloaders=self._loader(train_set, shuffle=True))
@@ -117,6 +125,12 @@ class DeepKNNFilterDataModule(TrainSplitWrapper):
         removed = knn_disagreement(penultimate_features(model, images), labels, k, num_classes)
         self.kept_indices = (~removed).nonzero().flatten()
         removed_idx = removed.nonzero().flatten()
+        if not len(self.kept_indices):
+            raise ValueError(
+                f"Deep k-NN removed every one of the {len(images)} training samples (k={k}): no sample's label is a "
+                "plurality label among its neighbours, so the feature model separates nothing (too few epochs, or "
+                "labels that do not follow the images). Train the feature model longer (epochs=), lower k, or give a "
+                "trained feature_model")
         self.report = {"k": k, "removed": len(removed_idx)}
         poison_set = getattr(self.base, "poison_set", None)
         if poison_set is not None:

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from lightning_defense.core.batch import dataset_tensors
 from lightning_defense.core.collective import Collective
+from lightning_defense.core.device import check_device, resolve_device
 from lightning_defense.core.pixels import Normalization
 from lightning_defense.core.store import (
     STORAGE_DTYPES,
@@ -260,7 +261,7 @@ class DiffusionPurifiedDataModule(TrainSplitWrapper):
             )
 
     def _device(self) -> torch.device:
-        return resolve_device(self.device, self.collective())
+        return resolve_device(self.device, self.collective(), stage="diffusion.purify")
 
 
 def _signature(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,16 +280,4 @@ def check_purification_args(batch_size: int, chunk_size: int, storage: str, devi
         raise ValueError(f"batch_size and chunk_size must be >= 1; got {batch_size}, {chunk_size}")
     if storage not in STORAGE_DTYPES:
         raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}; got {storage!r}")
-    if device != "auto" and not device.startswith(("cpu", "cuda")):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]'; got {device!r}")
-
-
-def resolve_device(device: str, collective: Collective) -> torch.device:
-    """``device``, or for ``auto`` the collective's GPU (a Trainer's or Fabric's rank), else the current GPU, else CPU."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        if collective.backend is not None and collective.device.type == "cuda":
-            return collective.device
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    check_device(device)

@@ -32,12 +32,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_defense.core.device import resolve_device
 from lightning_defense.core.pixels import Normalization, PixelView
 from lightning_defense.core.store import ChunkCache, fingerprint
 from lightning_defense.datamodules.diffusion_purified import (
     DiffusionPurifiedDataModule,
     check_purification_args,
-    resolve_device,
 )
 from lightning_defense.datamodules.wrapper import TrainSplitWrapper, split_dataset
 from lightning_defense.diffusion.denoise import sigma_at_timestep
@@ -365,7 +365,7 @@ class EclipseDataModule(TrainSplitWrapper):
         """The sparse-set diffusion model, built once (kept in ``model_dir``, or trained there first by rank 0)."""
         if self._denoiser is None:
             collective = self.collective()
-            self._denoiser = self.builder.build(self.sparse_set(), collective, resolve_device(self.device, collective))
+            self._denoiser = self.builder.build(self.sparse_set(), collective, resolve_device(self.device, collective, stage="eclipse.train_diffusion"))
         return self._denoiser
 
     def purifier(self) -> DiffusionPurifiedDataModule:

@@ -40,3 +40,32 @@ def test_filters_poisoned_digits_and_reports_tp_fp():
 def test_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DeepKNNFilterDataModule(DigitsDataModule(), **kwargs)
+
+
+def test_removing_every_sample_is_a_clear_error_before_any_loader():
+    """Labels alternate along a line of points: with k=1 every sample's neighbour disagrees with it."""
+    import lightning as L
+    from torch import nn
+
+    from lightning_defense.core.batch import IndexedDataset
+    from lightning_defense.datamodules.base import ImageDataModule
+
+    class Line(ImageDataModule):
+        num_classes, num_channels = 2, 1
+
+        def setup(self, stage=None):
+            images = torch.arange(4.0).view(4, 1, 1, 1) / 4
+            self.train_set = self.val_set = self.test_set = IndexedDataset(images, torch.tensor([0, 1, 0, 1]))
+
+    class Features(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Module()
+            self.backbone.forward_features = lambda x: x.flatten(1)
+
+        def normalize(self, x):
+            return x
+
+    dm = DeepKNNFilterDataModule(Line(), k=1, feature_model=Features(), device="cpu")
+    with pytest.raises(ValueError, match="removed every one of the 4 training samples"):
+        dm.setup("fit")
