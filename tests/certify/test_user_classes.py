@@ -27,11 +27,12 @@ def certify(data, model, out, **kwargs):
 
 
 def spy_training_steps(monkeypatch, cls):
-    """Record every batch each module instance's training_step gets: {id(module): [batch, ...]}."""
+    """Record every batch each module instance's training_step gets: {module: [batch, ...]} (keyed by the module
+    itself, which keeps it alive: an id() could be reused by the next model once the last one is freed)."""
     seen, real = {}, cls.training_step
 
     def training_step(self, batch, batch_idx):
-        seen.setdefault(id(self), []).append(batch)
+        seen.setdefault(self, []).append(batch)
         return real(self, batch, batch_idx)
 
     monkeypatch.setattr(cls, "training_step", training_step)
