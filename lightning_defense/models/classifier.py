@@ -146,7 +146,7 @@ class ImageClassifier(L.LightningModule):
         x = self.augment(x, batch_idx)
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
+        self.train_acc.update(logits, y)  # logged per epoch: no per-step accuracy to compute (Lightning overhead)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
