@@ -81,7 +81,8 @@ class Layout:
                 if key is None or key not in sample:
                     raise ValueError(
                         f"cannot tell which entry of the dict batch holds the {what}s; its keys are {keys}. Name it "
-                        f"with the defense's {what}_key= argument (e.g. {what}_key={keys[0]!r})"
+                        f"once with a {what}_key attribute on your dataset or datamodule (e.g. {what}_key = "
+                        f"{keys[0]!r}), or with a callback's {what}_key= argument"
                     )
             return cls(image, label, index)
         if isinstance(sample, (tuple, list)) and len(sample) in (2, 3):
@@ -323,9 +324,10 @@ def _with_transform(chain: list[Dataset], holder: Dataset, transform: Callable) 
     return inner
 
 
-def _normalization_attribute(*owners: Any) -> Optional[Normalization]:
+def _attribute(name: str, *owners: Any) -> Any:
+    """The first ``name`` attribute that is set on ``owners`` (the user's dataset, then its datamodule)."""
     for owner in owners:
-        value = getattr(owner, "normalization", None)
+        value = getattr(owner, name, None)
         if value is not None:
             return value
     return None
@@ -342,7 +344,8 @@ class PixelView:
         dataset: The user's dataset (map-style).
         normalization: ``(mean, std)`` the user's images were normalised with.
         owner: The datamodule that made ``dataset`` (searched for a ``normalization`` attribute).
-        image_key, label_key: Dict items: the keys of the image and the label (found by name otherwise).
+        image_key, label_key: Dict items: the keys of the image and the label; else ``image_key``/``label_key``
+            attributes of the dataset or of ``owner``; else found by name (``image``, ``label``, ...).
     """
 
     def __init__(self, dataset: Dataset, normalization: Optional[Normalization] = None, owner: Any = None,
@@ -359,7 +362,7 @@ class PixelView:
         self.source = dataset if self.split is None else _with_transform(chain, holder, self.split.prefix)
         given = normalization if normalization is not None else (
             None if self.split is not None and not self.split.space.identity
-            else _normalization_attribute(holder, dataset, owner))
+            else _attribute("normalization", holder, dataset, owner))
         if given is not None:
             self.space = PixelSpace.of(given)
             if self.split is not None and not self.split.space.identity and self.space != self.split.space:
@@ -367,7 +370,9 @@ class PixelView:
                                  f"(mean={self.split.space.mean}, std={self.split.space.std}); drop one of them")
         else:
             self.space = self.split.space if self.split is not None else PixelSpace()
-        self.layout = Layout.detect(self.source[0], image_key, label_key) if len(dataset) else Layout(0, 1, 2, 3)
+        keys = {name: given if given is not None else _attribute(name, holder, dataset, owner)
+                for name, given in (("image_key", image_key), ("label_key", label_key))}
+        self.layout = Layout.detect(self.source[0], **keys) if len(dataset) else Layout(0, 1, 2, 3)
 
     @property
     def native(self) -> bool:

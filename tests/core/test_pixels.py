@@ -119,3 +119,22 @@ def test_a_defense_reads_another_defenses_output_as_its_pixels():
     assert not again.native and again.augments and again.space == view.space
     assert torch.equal(again.tensors()[0], images * 0.5)
     assert isinstance(again.dress(rewritten)[0], tuple)
+
+
+def test_dict_keys_named_once_on_the_datamodule():
+    class Named(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            return {"pic": torch.full((1, 2, 2), 0.25 * index), "cls": index}
+
+    class DataModule:
+        image_key, label_key = "pic", "cls"
+
+    with pytest.raises(ValueError, match="image_key attribute on your dataset or datamodule"):
+        PixelView(Named())
+    view = PixelView(Named(), owner=DataModule())
+    images, labels = view.tensors()
+    assert (view.layout.image, view.layout.label) == ("pic", "cls") and labels.tolist() == [0, 1, 2]
+    assert view.dress(IndexedDataset(images, labels))[2]["pic"][0, 0, 0] == 0.5
