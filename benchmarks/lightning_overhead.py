@@ -38,7 +38,7 @@ def build(args):
 
 def lightning_fit(args) -> float:
     dm, model = build(args)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(accelerator=args.device, devices=1, max_epochs=args.epochs, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0)
     start = time.perf_counter()
@@ -48,6 +48,8 @@ def lightning_fit(args) -> float:
 
 def plain_loop(args) -> float:
     dm, model = build(args)
+    device = torch.device(args.device)
+    model = model.to(device)
     start = time.perf_counter()
     loader = dm.train_dataloader()
     optimizer, scheduler = sgd_with_steps(model.parameters(), args.epochs, **model.recipe())
@@ -57,12 +59,15 @@ def plain_loop(args) -> float:
         loader.sampler.set_epoch(epoch)
         for batch_idx, batch in enumerate(loader):
             x, y, _ = unpack_batch(batch)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x = model.augment(x, batch_idx)
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         scheduler.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -73,6 +78,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the Trainer's accelerator)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:

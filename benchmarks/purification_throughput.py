@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from lightning_defense.core.device import autocast
 from lightning_defense.datamodules import DigitsDataModule, ImageDataModule, IndexedDataset
 from lightning_defense.datamodules.diffusion_purified import DiffusionPurifiedDataModule
 from lightning_defense.diffusion import Denoiser, load_denoiser
@@ -56,6 +57,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sigma", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many interleaved runs")
+    parser.add_argument("--steps", type=int, default=1, help="denoiser calls per image: 1 = Hong et al.'s single "
+                        "step; ECLIPSE's reverse process from t*=100 is --timestep 100 --steps 100")
+    parser.add_argument("--timestep", type=int, default=None, help="start at this timestep instead of sigma's")
+    parser.add_argument("--precision", choices=["32", "bf16"], default="32", help="bf16: autocast on a GPU")
     args = parser.parse_args()
 
     denoiser = cifar_sized_denoiser() if args.arch == "cifar" else load_denoiser(args.denoiser)
@@ -69,21 +74,24 @@ def main() -> None:
     model = denoiser.to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def bare_loop() -> float:  # the images already in memory, one UNet call per batch, nothing else
+    def bare_loop() -> float:  # the images already in memory, `steps` UNet calls per batch, nothing else
         sync()
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device, args.precision):
             for first in range(0, len(images), args.batch_size):
                 x = images[first : first + args.batch_size].to(device)
-                model(x * 2 - 1, torch.full((len(x),), 10, device=device))
+                for _ in range(args.steps):
+                    model(x * 2 - 1, torch.full((len(x),), 10, device=device))
         sync()
         return time.perf_counter() - start
 
     def pipeline_job() -> float:  # the whole job: key hashing, noise, denoising, uint8, chunk writes, manifest
         with tempfile.TemporaryDirectory() as cache_dir:
             dm = DiffusionPurifiedDataModule(
-                TensorDataModule(images), model, sigma=args.sigma, batch_size=args.batch_size,
-                chunk_size=16 * args.batch_size, cache_dir=cache_dir, device=args.device, progress=False,
+                TensorDataModule(images), model, sigma=None if args.timestep is not None else args.sigma,
+                timestep=args.timestep, steps=args.steps, batch_size=args.batch_size,
+                chunk_size=16 * args.batch_size, cache_dir=cache_dir, device=args.device, precision=args.precision,
+                progress=False,
             )
             sync()
             start = time.perf_counter()
@@ -97,7 +105,7 @@ def main() -> None:
 
     n = len(images)
     print(f"denoiser: {denoiser.source}  images: {n} x {tuple(images.shape[1:])}  batch: {args.batch_size}  "
-          f"device: {device}  torch threads: {torch.get_num_threads()}")
+          f"device: {device}  steps: {args.steps}  precision: {args.precision}  torch threads: {torch.get_num_threads()}")
     print(f"bare UNet forward loop : {n / bare:9.1f} images/s ({bare:.2f} s)")
     print(f"purification pipeline : {n / pipeline:9.1f} images/s ({pipeline:.2f} s)")
     print(f"pipeline / bare time  : {pipeline / bare:.3f}  (target <= 1.10; best of {args.repeats} interleaved runs)")
