@@ -264,3 +264,17 @@ def test_certified_sigma_is_sigma_or_the_pixel_sigma_of_the_fixed_timestep(ddpm_
     assert fixed.certified_sigma == pytest.approx(float(((1 - abar) / abar).sqrt()) / 2, rel=1e-12)
     fixed.setup("fit")
     assert fixed.cache.meta["sigma"] == fixed.certified_sigma  # the noise the purification really added
+
+
+def test_bf16_precision_is_its_own_cache_and_stays_float32_off_the_gpu(ddpm_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    full = DiffusionPurifiedDataModule(small_digits(), ddpm_dir, sigma=0.25, cache_dir=str(tmp_path), progress=False)
+    half = DiffusionPurifiedDataModule(small_digits(), ddpm_dir, sigma=0.25, cache_dir=str(tmp_path), progress=False,
+                                       precision="bf16")
+    assert full.cache_for().meta["key"] != half.cache_for().meta["key"]
+    full.prepare_data()
+    with pytest.warns(UserWarning, match="runs in float32 on cpu"):
+        half.prepare_data()
+    assert np.array_equal(full.cache.load().raw(), half.cache.load().raw())
+    with pytest.raises(ValueError, match="precision"):
+        DiffusionPurifiedDataModule(small_digits(), ddpm_dir, precision="fp8")
