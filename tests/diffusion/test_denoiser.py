@@ -116,3 +116,26 @@ def test_a_run_loads_and_fingerprints_the_denoiser_once(tmp_path, monkeypatch):
     assert first.fingerprint() != key and len(calls) == 2
     save_tiny_ddpm(tmp_path / "m", seed=1)  # rewritten on disk: read again
     assert load_denoiser(directory) is not first
+
+
+def test_shipped_fashion_mnist_denoiser_removes_most_of_the_noise():
+    """The shipped Fashion-MNIST DDPM (configs/fashion_mnist/train_denoiser.yaml) denoises real test images."""
+    from pathlib import Path
+
+    from lightning_defense.core.rng import per_sample_normal
+    from lightning_defense.datamodules import FashionMNISTDataModule
+    from lightning_defense.diffusion import noise_and_denoise, timestep_for_sigma
+
+    denoiser = load_denoiser(str(Path(__file__).resolve().parents[2] / "lightning_defense" / "assets"
+                                 / "fashion_mnist_ddpm_14x14"))
+    assert denoiser.sample_size == 14 and denoiser.in_channels == 1
+    dm = FashionMNISTDataModule(image_size=14)
+    dm.setup("test")
+    images = dm.test_set.tensors()[0][:200]
+    indices, sigma = torch.arange(len(images)), 0.25
+    t_star = timestep_for_sigma(denoiser.alphas_cumprod, sigma, log=False)
+    with torch.inference_mode():
+        denoised = noise_and_denoise(denoiser, images, indices, denoiser.alphas_cumprod, t_star, sigma, seed=0)
+    noisy = images + sigma * per_sample_normal(0, indices, tuple(images.shape[1:]))
+    rmse = lambda x: float((x - images).pow(2).mean().sqrt())  # noqa: E731
+    assert rmse(noisy) > 0.2 and rmse(denoised) < 0.4 * rmse(noisy)  # measured: 0.07 against 0.25
