@@ -8,6 +8,7 @@ command is one module and one line in the table.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable, Optional
 
 from lightning_defense.cli import certify, evaluate, poison, purify, train_denoiser
@@ -28,7 +29,16 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 __all__ = ["COMMANDS", "DefenseCLI", "build_cli", "main"]
 
 
+#: Warnings from inside the libraries we call that a user cannot act on: kept out of the command line's output.
+UPSTREAM_NOISE = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of torch's pytree API
+    r"Full backward hook is firing when gradients are computed with respect to module outputs",  # Opacus' hooks
+)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    for message in UPSTREAM_NOISE:
+        warnings.filterwarnings("ignore", message=message)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         COMMANDS[argv[0]](argv[1:])

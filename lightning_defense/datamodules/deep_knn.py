@@ -7,6 +7,7 @@ with k = 500 as in the original work.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import lightning as L
@@ -113,7 +114,9 @@ class DeepKNNFilterDataModule(TrainSplitWrapper):
             logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         )
-        trainer.fit(model, train_dataloaders=self._loader(train_set, shuffle=True))
+        with warnings.catch_warnings():  # the feature model is only trained here: no validation is intended
+            warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
+            trainer.fit(model, train_dataloaders=self._loader(train_set, shuffle=True))
         return model
 
     def wrap_train(self, train_set: Dataset) -> Dataset:
