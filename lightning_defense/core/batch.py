@@ -13,8 +13,9 @@ The order in which things happen to a training batch is:
    on the un-normalised batch already on the device, and use ``indices`` for per-sample state;
 3. the model's ``training_step`` applies random crop/flip augmentation, then normalisation.
 
-A user's own datamodule fits by yielding the same triple: wrap its datasets in
-:class:`IndexedDataset` or return ``(image, label, index)`` from ``__getitem__``.
+A user's own datamodule need not follow this contract: :mod:`lightning_defense.core.pixels` reads its
+``(x, y)`` or dict batches, its normalisation and its dataset-side augmentation, and every defense acts on
+them in [0, 1] pixel space through it.
 """
 
 from __future__ import annotations
