@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from lightning_defense.core.batch import IndexedDataset, dataset_tensors, to_float_image
 
@@ -413,13 +413,9 @@ class PixelView:
             images, labels = dataset_tensors(self.dataset, batch_size)
         else:
             self._check_deterministic(who)
-            images, labels = [], []
-            loader = DataLoader(range(len(self)), batch_size=batch_size, collate_fn=lambda idx: idx)
-            for idx in loader:
-                items = [self.item_pixels(i) for i in idx]
-                images.append(torch.stack([image for image, _ in items]))
-                labels.extend(int(label) for _, label in items)
-            images, labels = torch.cat(images), torch.tensor(labels, dtype=torch.long)
+            items = [self.item_pixels(i) for i in range(len(self))]
+            images = torch.stack([image for image, _ in items])
+            labels = torch.tensor([int(label) for _, label in items], dtype=torch.long)
         if images.ndim != 4:
             raise ValueError(f"{who}: the training images must be (C, H, W) each; got a set shaped {tuple(images.shape)}")
         self.space.check(images, who, "training set")
