@@ -24,7 +24,7 @@ if [ "$small" = 1 ]; then
   purify="--arch given --num-images 64 --batch-size 32 --repeats 1"
   eclipse="--arch given --num-images 16 --batch-size 16 --repeats 1 --timestep 4 --steps 4"
   friends="--epochs 2 --steps 1 --begin-epoch 1 --image-size 8 --width 4 --batch-size 64 --repeats 1"
-  certify="--num_models 2 --models_per_batch 2 --image_size 8 --width 4 --max_epochs 1"
+  certify="--num_models 2 --models_per_batch 2 --image_size 8 --width 4 --max_epochs 1 --repeats 1"
   overhead="--epochs 1 --repeats 1"
 else
   purify="--arch cifar --num-images 50000 --batch-size 512 --repeats 2"

@@ -15,5 +15,5 @@ def test_gpu_benchmark_script_runs_every_stage_small_on_cpu():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     for line in ("precision: 32", "precision: bf16", "steps: 4", "pipeline / bare time", "ratio FriendsNoise / undefended",
-                 "ratio batched / one at a time", "same votes both ways: True", "Lightning overhead:"):
+                 "stacked layers", "votes equal to one at a time: 1.0000", "Lightning overhead:"):
         assert line in out, (line, out[-3000:])

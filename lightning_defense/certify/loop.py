@@ -136,10 +136,11 @@ class TrainingOptions:
     Args:
         max_epochs: Epochs per model.
         limit_train_batches: At most this many batches per epoch (None: the whole training set).
-        models_per_batch: Models trained at once on one device with ``torch.func.vmap`` over stacked
-            weights (smoothing and RAB modes; DPA's partitions differ in size and train one at a time). BatchNorm
-            works: each model's running statistics are its own stacked buffers, so a group gives the same
-            votes as training its models one by one.
+        models_per_batch: Models trained at once on one device as one network (layers stacked along the
+            channels, else ``torch.func.vmap`` over stacked weights; see
+            :func:`~lightning_defense.certify.training.train_and_vote`), in smoothing and RAB modes (DPA's
+            partitions differ in size and train one at a time). BatchNorm works: each model's statistics are
+            its own, so a group trains the same models as one by one, up to floating-point rounding.
         accelerator: ``"cpu"``, ``"gpu"``, ``"auto"``, ... (as for Lightning).
         devices: Devices per node; with more than one process the models are sharded over all of them.
         num_nodes: Nodes.
@@ -219,7 +220,7 @@ def _check_arguments(data, model, smoothing, mode, num_models, n0, selection, al
         user, model = _user_model(model)
         if user is not None and training.models_per_batch != 1:
             raise ValueError(f"training.models_per_batch={training.models_per_batch}: only ImageClassifier models "
-                             f"train several at once (vmap); {user[0].__name__} trains one at a time, set it to 1")
+                             f"train several at once; {user[0].__name__} trains one at a time, set it to 1")
     if num_classes is not None:
         _check_int("num_classes", num_classes, 2)
         if user is None:
@@ -787,7 +788,7 @@ def _train_sharded(collective: Collective, todo: list[int], models_per_batch: in
             group = train_and_vote(
                 [build(i) for i in mine], mine, [training_sets.tensors(sets[i][0]) for i in mine], test_images,
                 seed=seed, max_epochs=training.max_epochs, batch_size=batch_size,
-                limit_train_batches=training.limit_train_batches, device=device, use_vmap=len(mine) > 1,
+                limit_train_batches=training.limit_train_batches, device=device, together=len(mine) > 1,
                 test_sigma=test_sigma, test_keys=test_keys, batch_transforms=[sets[i][1] for i in mine],
             )
             votes = dict(zip(mine, group.numpy()))

@@ -9,11 +9,15 @@ the other models of its group. A smoothing wrapper's per-batch rewrite (``train_
 e.g. ECLIPSE's compensation) applies to every batch before the crop/flip, as in ``fit``, drawing from the
 CPU stream keyed by ``(seed, i, BATCH_TRANSFORM)``.
 
-Several models train at once by stacking their weights (``torch.func.stack_module_state``) and
-calling the shared architecture through ``vmap(functional_call)``. BatchNorm works in this mode: each
-model's running statistics are stacked buffers that ``vmap`` updates in place per model, so a group
-computes, up to floating-point rounding, the same updates as training the models one by one. SGD is
-elementwise per parameter, so one ``torch.optim.SGD`` over the stacked tensors is the per-model SGD.
+Several models train at once as one network. For the backbones :mod:`~lightning_defense.models.grouped`
+knows, their layers are stacked along the channels (grouped convolutions, ``G`` times the norm channels, a
+batched linear head), which keeps every activation contiguous; for any other architecture their weights
+are stacked (``torch.func.stack_module_state``) and the shared architecture is called through
+``vmap(functional_call)``. BatchNorm works both ways: each model's statistics are its own channels (or
+stacked buffers that ``vmap`` updates in place per model), so a group computes, up to floating-point
+rounding, the same updates as training the models one by one. SGD is elementwise per parameter, so one
+``torch.optim.SGD`` over the stacked tensors is the per-model SGD. The crop/flip offsets of each model are
+drawn from its own stream and applied to the whole group at once.
 
 For RAB (Weber et al.) each model also votes on noised test inputs: model ``i`` sees test point ``t``
 (its index in the test split) as ``x_t + sigma * N(0, I)``, the normal draw keyed by
@@ -45,7 +49,8 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_defense.models.augment import random_crop_flip
+from lightning_defense.models.augment import apply_crop_flip, draw_crop_flip
+from lightning_defense.models.grouped import can_stack, stack_layers
 from lightning_defense.core.pixels import Layout, PixelSpace
 from lightning_defense.core.recipe import sgd_with_steps
 from lightning_defense.core.rng import generator, per_sample_normal, seed_for
@@ -84,7 +89,8 @@ def train_and_vote(
     batch_size: int,
     limit_train_batches: Optional[int],
     device: torch.device,
-    use_vmap: bool,
+    together: bool,
+    stacking: str = "auto",
     eval_batch_size: int = 1024,
     test_sigma: Optional[float] = None,
     test_keys: Optional[Sequence[int]] = None,
@@ -102,7 +108,10 @@ def train_and_vote(
         batch_size: Training batch size.
         limit_train_batches: At most this many batches per epoch (None: all).
         device: Where to train.
-        use_vmap: Train the group at once with ``vmap``; every training set must have the same size.
+        together: Train the group at once as one network; every training set must have the same size.
+        stacking: How a group trains at once: ``"layers"`` (layers stacked along the channels, see
+            :mod:`~lightning_defense.models.grouped`), ``"vmap"`` (``torch.func.vmap`` over stacked weights), or
+            ``"auto"``: layers where the backbone allows it, else vmap.
         eval_batch_size: Test points per forward pass.
         test_sigma: RAB's test-time noise: each model votes on ``x + test_sigma * rab_test_noise(seed, i,
             test_keys, ...)`` (not clipped, as RAB's certificate assumes). None: on the test points as they are.
@@ -122,10 +131,12 @@ def train_and_vote(
             raise ValueError("test_sigma needs test_keys: one test-split index per test point, "
                              f"{len(test_images)} here; got {None if test_keys is None else len(test_keys)}")
         test_keys = torch.as_tensor(np.asarray(test_keys), dtype=torch.long)
-    if not use_vmap and group != 1:
-        raise ValueError(f"without vmap, train one model at a time; got {group} models")
+    if not together and group != 1:
+        raise ValueError(f"without together=True, train one model at a time; got {group} models")
+    if stacking not in ("auto", "layers", "vmap"):
+        raise ValueError(f"stacking must be 'auto', 'layers' or 'vmap'; got {stacking!r}")
     sizes = {len(images) for images, _ in train_data}
-    if use_vmap and len(sizes) != 1:
+    if together and len(sizes) != 1:
         raise ValueError(f"models trained together need training sets of one size; got sizes {sorted(sizes)}")
     if batch_transforms is None:
         batch_transforms = [None] * group
@@ -134,12 +145,28 @@ def train_and_vote(
     hp = models[0].hparams
     models = [m.to(device).train() for m in models]
 
-    if use_vmap:
+    if together and stacking == "auto":
+        stacking = "layers" if can_stack(models[0].backbone) else "vmap"
+    if together and stacking == "layers":
+        if any(not (torch.equal(m.mean, models[0].mean) and torch.equal(m.std, models[0].std)) for m in models):
+            raise ValueError("stacking='layers' needs one normalisation (mean, std) for every model of the group")
+        network = stack_layers([m.backbone for m in models]).to(device).train()
+
+        def grouped(x: Tensor) -> Tensor:  # (G, B, C, H, W) pixels -> (G, B, K) logits
+            g, b = x.shape[:2]
+            logits = network(models[0].normalize(x).transpose(0, 1).reshape(b, -1, *x.shape[3:]))
+            return logits.view(b, g, -1).transpose(0, 1)
+
+        trainable = list(network.parameters())
+    elif together:
         params, buffers = stack_module_state(models)
         template = copy.deepcopy(models[0]).to("meta")
 
         def call(p, b, x):
             return functional_call(template, (p, b), (x,))
+
+        def grouped(x: Tensor) -> Tensor:
+            return vmap(call)(params, buffers, x)
 
         trainable = list(params.values())
     else:
@@ -157,21 +184,24 @@ def train_and_vote(
     for _ in range(max_epochs):
         orders = [torch.randperm(len(images), generator=g) for (images, _), g in zip(train_data, shuffle_gens)]
         for step in range(steps):
-            xs, ys = [], []
+            xs, ys, draws = [], [], []
             for (images, labels), order, gen, transform, transform_gen in zip(
                     train_data, orders, augment_gens, batch_transforms, transform_gens):
                 idx = order[step * batch_size : (step + 1) * batch_size]
                 x = images[idx].to(device, non_blocking=True)
                 if transform is not None:
                     x = transform(x, transform_gen)
-                xs.append(random_crop_flip(x, hp.crop_padding, hp.flip, generator=gen))
+                xs.append(x)
+                draws.append(draw_crop_flip(len(x), hp.crop_padding, hp.flip, gen, x.device))
                 ys.append(labels[idx].to(device, non_blocking=True))
-            if use_vmap:
-                logits = vmap(call)(params, buffers, torch.stack(xs))
-                per_model = F.cross_entropy(logits.flatten(0, 1), torch.stack(ys).flatten(), reduction="none")
+            x = torch.stack(xs)  # (G, B, C, H, W), each model's crop/flip drawn from its own stream
+            x = apply_crop_flip(x.flatten(0, 1), hp.crop_padding,
+                                *(None if d[0] is None else torch.cat(d) for d in zip(*draws))).view(x.shape)
+            if together:
+                per_model = F.cross_entropy(grouped(x).flatten(0, 1), torch.stack(ys).flatten(), reduction="none")
                 loss = per_model.view(group, -1).mean(dim=1).sum()  # each model's gradient is its own mean loss's
             else:
-                loss = F.cross_entropy(models[0](xs[0]), ys[0])
+                loss = F.cross_entropy(models[0](x[0]), ys[0])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -186,7 +216,10 @@ def train_and_vote(
                 x = torch.stack([x + test_sigma * rab_test_noise(seed, i, keys, tuple(x.shape[1:])).to(x.dtype)
                                  for i in indices])
             x = x.to(device)
-            if use_vmap:
+            if together and stacking == "layers":
+                network.eval()
+                logits = grouped(x if test_sigma is not None else x.expand(group, *x.shape))
+            elif together:
                 template.eval()
                 logits = vmap(call, in_dims=(0, 0, 0 if test_sigma is not None else None))(params, buffers, x)
             else:

@@ -30,19 +30,33 @@ def random_crop_flip(x: Tensor, padding: int = 4, flip: bool = True, generator: 
     the whole batch at once so it can run after ``on_train_batch_start`` callbacks. The offsets and flips
     are drawn on ``generator``'s device (a CPU generator keeps a keyed stream valid for images on a GPU).
     """
-    n, _, h, w = x.shape
-    device = x.device
+    return apply_crop_flip(x, padding, *draw_crop_flip(len(x), padding, flip, generator, x.device))
+
+
+def draw_crop_flip(n: int, padding: int, flip: bool, generator: Optional[torch.Generator],
+                   device: torch.device) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The draws of :func:`random_crop_flip` for ``n`` images: row and column offsets and the flip mask, on ``device``."""
     draw_on = generator.device if generator is not None else device
+    oy = ox = mask = None
     if padding > 0:
-        padded = F.pad(x, (padding,) * 4)
         oy = torch.randint(0, 2 * padding + 1, (n,), device=draw_on, generator=generator).to(device)
         ox = torch.randint(0, 2 * padding + 1, (n,), device=draw_on, generator=generator).to(device)
+    if flip:
+        mask = (torch.rand(n, device=draw_on, generator=generator) < 0.5).to(device)
+    return oy, ox, mask
+
+
+def apply_crop_flip(x: Tensor, padding: int, oy: Optional[Tensor], ox: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
+    """Crop and flip ``x`` (N, C, H, W) as drawn by :func:`draw_crop_flip` (several draws may be concatenated)."""
+    n, _, h, w = x.shape
+    device = x.device
+    if oy is not None:
+        padded = F.pad(x, (padding,) * 4)
         rows = (oy[:, None] + torch.arange(h, device=device))[:, None, :, None]
         cols = (ox[:, None] + torch.arange(w, device=device))[:, None, None, :]
         batch = torch.arange(n, device=device)[:, None, None, None]
         chans = torch.arange(x.shape[1], device=device)[None, :, None, None]
         x = padded[batch, chans, rows, cols]
-    if flip:
-        mask = (torch.rand(n, device=draw_on, generator=generator) < 0.5).to(device)
+    if mask is not None:
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
     return x

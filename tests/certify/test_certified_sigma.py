@@ -140,7 +140,7 @@ def test_diffusion_purified_with_a_timestep_certifies_that_timesteps_sigma(tmp_p
         wrapper.setup("fit")
         votes = train_and_vote([build_model(MODEL, 10, 1, 0, i)], [i], [wrapper.train_tensors()], test_images,
                                seed=0, max_epochs=1, batch_size=32, limit_train_batches=2,
-                               device=torch.device("cpu"), use_vmap=False)
+                               device=torch.device("cpu"), together=False)
         assert np.array_equal(votes[0].numpy(), result.votes[i])
     with pytest.raises(ValueError, match=rf"sigma=0.5 disagrees.*{sigma:.6g}"):
         tiny_run(tmp_path / "other", smoothing=smoothing, num_models=2, sigma=0.5)
@@ -158,15 +158,15 @@ def test_vmap_group_with_a_batch_transform_trains_the_same_models_as_one_at_a_ti
     noise = lambda x, g: compensate(x, 0.0, 0.2, g)  # noqa: E731
     kwargs = dict(seed=3, max_epochs=1, batch_size=32, limit_train_batches=4, device=torch.device("cpu"))
     build = lambda i: build_model(MODEL, 10, 1, 3, i)  # noqa: E731
-    together = train_and_vote([build(0), build(1)], [0, 1], data, test_images, use_vmap=True,
+    together = train_and_vote([build(0), build(1)], [0, 1], data, test_images, together=True,
                               batch_transforms=[noise, noise], **kwargs)
-    alone = torch.cat([train_and_vote([build(i)], [i], [data[i]], test_images, use_vmap=False,
+    alone = torch.cat([train_and_vote([build(i)], [i], [data[i]], test_images, together=False,
                                       batch_transforms=[noise], **kwargs) for i in (0, 1)])
     assert torch.equal(together, alone)
-    plain = train_and_vote([build(0), build(1)], [0, 1], data, test_images, use_vmap=True, **kwargs)
+    plain = train_and_vote([build(0), build(1)], [0, 1], data, test_images, together=True, **kwargs)
     assert not torch.equal(plain, together)  # the transform is really applied
-    identity = train_and_vote([build(0), build(1)], [0, 1], data, test_images, use_vmap=True,
+    identity = train_and_vote([build(0), build(1)], [0, 1], data, test_images, together=True,
                               batch_transforms=[lambda x, g: x, None], **kwargs)
     assert torch.equal(plain, identity)
     with pytest.raises(ValueError, match="one entry per model"):
-        train_and_vote([build(0)], [0], data[:1], test_images, use_vmap=False, batch_transforms=[], **kwargs)
+        train_and_vote([build(0)], [0], data[:1], test_images, together=False, batch_transforms=[], **kwargs)

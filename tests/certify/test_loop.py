@@ -101,8 +101,9 @@ def noised_training_sets(dm, draws, sigma=0.25):
     return data
 
 
+@pytest.mark.parametrize("stacking", ["layers", "vmap"])
 @pytest.mark.parametrize("test_sigma", [None, 0.25], ids=["clean-test-inputs", "rab-test-noise"])
-def test_vmap_group_trains_the_same_models_as_one_at_a_time(test_sigma):
+def test_a_group_trains_the_same_models_as_one_at_a_time(test_sigma, stacking):
     dm = DigitsDataModule(image_size=8, batch_size=32)
     dm.setup("fit")
     test_images = dm.test_set.tensors()[0][:50]
@@ -110,9 +111,9 @@ def test_vmap_group_trains_the_same_models_as_one_at_a_time(test_sigma):
     kwargs = dict(seed=3, max_epochs=1, batch_size=32, limit_train_batches=4, device=torch.device("cpu"),
                   test_sigma=test_sigma, test_keys=None if test_sigma is None else np.arange(50))
     together = train_and_vote([build_model(MODEL, 10, 1, 3, i) for i in (0, 1)], [0, 1], data, test_images,
-                              use_vmap=True, **kwargs)
+                              together=True, stacking=stacking, **kwargs)
     alone = torch.cat([train_and_vote([build_model(MODEL, 10, 1, 3, i)], [i], [data[i]], test_images,
-                                      use_vmap=False, **kwargs) for i in (0, 1)])
+                                      together=False, **kwargs) for i in (0, 1)])
     assert together.shape == (2, 50)
     assert torch.equal(together, alone)
     assert not torch.equal(alone[0], alone[1])  # different draws and seeds give different models
@@ -127,22 +128,22 @@ def test_rab_test_noise_is_each_models_own_draw_keyed_by_test_index():
     data = noised_training_sets(dm, (2, 5))
     kwargs = dict(seed=3, max_epochs=1, batch_size=32, limit_train_batches=3, device=torch.device("cpu"))
     build = lambda: [build_model(MODEL, 10, 1, 3, i) for i in (2, 5)]  # noqa: E731
-    rab = train_and_vote(build(), [2, 5], data, clean, use_vmap=True, test_sigma=0.6, test_keys=keys, **kwargs)
+    rab = train_and_vote(build(), [2, 5], data, clean, together=True, test_sigma=0.6, test_keys=keys, **kwargs)
     for row, i in enumerate((2, 5)):
         noise = per_sample_normal(seed_for(3, i, TEST_NOISE), torch.as_tensor(keys), (1, 8, 8))
         assert torch.equal(rab_test_noise(3, i, keys, (1, 8, 8)), noise)
         by_hand = train_and_vote([build_model(MODEL, 10, 1, 3, i)], [i], [data[row]], clean + 0.6 * noise,
-                                 use_vmap=False, **kwargs)
+                                 together=False, **kwargs)
         assert torch.equal(rab[row], by_hand[0])
     # a point's noise depends on its test index, not on its position or on the other points certified
     order = np.array([4, 0, 6])
-    subset = train_and_vote(build(), [2, 5], data, clean[order], use_vmap=True, test_sigma=0.6, test_keys=keys[order],
+    subset = train_and_vote(build(), [2, 5], data, clean[order], together=True, test_sigma=0.6, test_keys=keys[order],
                             **kwargs)
     assert torch.equal(subset, rab[:, order])
-    plain = train_and_vote(build(), [2, 5], data, clean, use_vmap=True, **kwargs)
+    plain = train_and_vote(build(), [2, 5], data, clean, together=True, **kwargs)
     assert not torch.equal(plain, rab)  # the test-time noise is really there
     with pytest.raises(ValueError, match="test_sigma needs test_keys"):
-        train_and_vote(build(), [2, 5], data, clean, use_vmap=True, test_sigma=0.6, **kwargs)
+        train_and_vote(build(), [2, 5], data, clean, together=True, test_sigma=0.6, **kwargs)
 
 
 # Enough models that a certificate can be nonzero: n = 18 unanimous votes give pA = 0.01^(1/18) = 0.77.
