@@ -146,10 +146,13 @@ class ImageClassifier(L.LightningModule):
         x = self.augment(x, batch_idx)
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        self.train_acc.update(logits, y)  # logged per epoch: no per-step accuracy to compute (Lightning overhead)
+        self.train_acc.update(logits, y)  # logged once per epoch (on_train_epoch_end)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # Logged here, not in every training_step: Lightning walks a logged Metric on each self.log call
+        self.log("train/acc", self.train_acc)
 
     def _evaluate(self, batch, stage: str, metric: MulticlassAccuracy) -> None:
         x, y, _ = unpack_batch(batch)
