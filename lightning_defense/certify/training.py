@@ -150,11 +150,11 @@ def train_and_vote(
     if together and stacking == "layers":
         if any(not (torch.equal(m.mean, models[0].mean) and torch.equal(m.std, models[0].std)) for m in models):
             raise ValueError("stacking='layers' needs one normalisation (mean, std) for every model of the group")
-        network = stack_layers([m.backbone for m in models]).to(device).train()
+        network = stack_layers([m.backbone for m in models]).to(device, memory_format=torch.channels_last).train()
 
         def grouped(x: Tensor) -> Tensor:  # (G, B, C, H, W) pixels -> (G, B, K) logits
             g, b = x.shape[:2]
-            logits = network(models[0].normalize(x).transpose(0, 1).reshape(b, -1, *x.shape[3:]))
+            logits = network(models[0].normalize(x).transpose(0, 1).reshape(b, -1, *x.shape[3:]).contiguous(memory_format=torch.channels_last))
             return logits.view(b, g, -1).transpose(0, 1)
 
         trainable = list(network.parameters())
