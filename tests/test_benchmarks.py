@@ -1,9 +1,11 @@
-"""The GPU benchmark script runs end to end in its small CPU mode, so it cannot rot between GPU loans."""
+"""The benchmark scripts run end to end in their small CPU modes, so they cannot rot between GPU loans."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,5 +17,18 @@ def test_gpu_benchmark_script_runs_every_stage_small_on_cpu():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     for line in ("precision: 32", "precision: bf16", "steps: 4", "pipeline / bare time", "ratio FriendsNoise / undefended",
-                 "stacked layers", "votes equal to one at a time: 1.0000", "Lightning overhead:"):
+                 "stacked layers", "votes equal to one at a time: 1.0000", "Lightning overhead (wall-clock):", "Lightning overhead (CPU time):"):
+        assert line in out, (line, out[-3000:])
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+def test_fast_recipe_benchmark_runs_small():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fast_recipe.py"), "--small", "--threads", "1"],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for line in ("fast recipe on Fashion-MNIST", "test accuracy", "s per model", "ResNet-18 recipe: batch 256",
+                 "models per hour, fast recipe / ResNet-18 recipe, at 32x32x3:", "from measured per-step times"):
         assert line in out, (line, out[-3000:])
