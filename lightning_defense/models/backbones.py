@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lightning_defense.models.airbench import AirbenchNet
+
 
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
@@ -85,7 +87,7 @@ class CifarResNet18(nn.Module):
         return self.fc(self.forward_features(x))
 
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN, "resnet18_cifar": CifarResNet18}
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN, "resnet18_cifar": CifarResNet18, "airbench": AirbenchNet}
 
 
 def build_backbone(name: str, num_classes: int, in_chans: int, **kwargs) -> nn.Module:

@@ -145,10 +145,14 @@ class ImageClassifier(L.LightningModule):
         x, y, _ = unpack_batch(batch)
         x = self.augment(x, batch_idx)
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.criterion(logits, y)
         self.train_acc.update(logits, y)  # logged once per epoch (on_train_epoch_end)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def criterion(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The training loss: cross-entropy."""
+        return F.cross_entropy(logits, y)
 
     def on_train_epoch_end(self) -> None:
         # Logged here, not in every training_step: Lightning walks a logged Metric on each self.log call
