@@ -14,7 +14,7 @@ from lightning_defense.attacks.linear_separable import (
     LSPNoiseControl,
 )
 from lightning_defense.attacks.metrics import AttackSuccessRate
-from lightning_defense.attacks.random_noise import UniversalRandomPerturbation
+from lightning_defense.attacks.random_noise import RandomNoiseControl, UniversalRandomPerturbation
 from lightning_defense.attacks.sleeper_agent import SleeperAgent
 from lightning_defense.attacks.witches_brew import GradientMatchingAttack, WitchesBrew
 
@@ -30,6 +30,7 @@ __all__ = [
     "GradientMatchingAttack",
     "LinearSeparablePerturbation",
     "PoisonFrogs",
+    "RandomNoiseControl",
     "SleeperAgent",
     "UniversalRandomPerturbation",
     "WitchesBrew",

@@ -1,7 +1,12 @@
-"""URP: class-wise universal random perturbations (Huang et al. 2021; Tao et al. 2021).
+"""Random noise: URP, the class-wise attack, and the per-sample noise control of the other attacks.
 
-Every image of class c gets the same random pattern delta_c. No model is involved: the network learns the
-class-wise pattern, an easy shortcut, instead of the digits or objects, and its clean test accuracy drops.
+:class:`UniversalRandomPerturbation` (URP; Huang et al. 2021; Tao et al. 2021): every image of class c gets
+the same random pattern delta_c. No model is involved: the network learns the class-wise pattern, an easy
+shortcut, instead of the digits or objects, and its clean test accuracy drops.
+
+:class:`RandomNoiseControl`: every poisoned sample gets its own random draw in the same eps-ball and budget,
+with no class structure. An attack's success counts only against this noise (e.g. for EM, Huang et al.'s
+error-minimising noise, which starts from the same uniform draw).
 """
 
 from __future__ import annotations
@@ -41,3 +46,38 @@ class UniversalRandomPerturbation(IndiscriminateAttack):
         else:
             patterns = scale_to_ball(torch.randn(shape, generator=generator), self.eps, "l2")
         return patterns.to(labels.device)[labels]  # drawn on the CPU (the keyed stream), used on the attack's device
+
+
+class RandomNoiseControl(IndiscriminateAttack):
+    """The random-noise control of a sample-wise attack: its own random draw per sample, same ball and budget.
+
+    For ``linf`` each pixel of each sample's delta is uniform in [-eps, eps] (the starting point of EM's
+    PGD); for ``l2`` each delta is Gaussian, scaled to l2 norm ``eps``. Unlike :class:`UniversalRandomPerturbation`,
+    two samples of one class get different noise, so there is no class-wise shortcut to learn. The draws come
+    from the seeded generator that :meth:`IndiscriminateAttack.craft` passes (after it picked the budget's
+    samples), and the base class projects onto the eps-ball and the [0, 1] box.
+
+    Args:
+        eps: Bound in [0, 1] pixel units, the attack's own (EM: 8/255 in l_inf).
+        norm: ``"linf"`` or ``"l2"``.
+        budget: Fraction of the training set perturbed, the attack's own.
+        progress: Unused (crafting is instantaneous); kept for the common interface.
+        device: Where the perturbations are computed (``"auto"``, ``"cpu"``, ``"cuda[:i]"``, ``"mps"``); the random
+            draws stay on the CPU, so the poisons are the same bytes on every device up to float rounding.
+
+    Raises:
+        ValueError: On an eps, norm or budget outside the accepted range (see :class:`Attack`).
+
+    Example::
+
+        control = RandomNoiseControl(eps=8 / 255).craft(images, labels, seed=0)  # EM's control
+    """
+
+    name = "random_noise"
+
+    def perturbation(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+        if self.norm == "linf":
+            delta = (torch.rand(images.shape, generator=generator) * 2 - 1) * self.eps
+        else:
+            delta = scale_to_ball(torch.randn(images.shape, generator=generator), self.eps, "l2")
+        return delta.to(images.device)  # drawn on the CPU (the keyed stream), used on the attack's device

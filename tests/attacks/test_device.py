@@ -18,6 +18,7 @@ from lightning_defense.attacks import (
     LinearSeparablePerturbation,
     LSPNoiseControl,
     PoisonFrogs,
+    RandomNoiseControl,
     SleeperAgent,
     UniversalRandomPerturbation,
     WitchesBrew,
@@ -45,6 +46,7 @@ FAMILIES = {
     "classwise_lsp": (lambda d: ClasswiseLinearSeparablePerturbation(eps=8 / 255, patch_size=4, device=d), {"craft"}),
     "ar": (lambda d: AutoregressivePerturbation(eps=1.0, progress=False, device=d), {"craft"}),
     "urp": (lambda d: UniversalRandomPerturbation(eps=8 / 255, device=d), {"craft"}),
+    "random_noise": (lambda d: RandomNoiseControl(eps=8 / 255, device=d), {"craft"}),
 }
 
 
