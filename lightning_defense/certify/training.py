@@ -154,7 +154,8 @@ def train_and_vote(
 
         def grouped(x: Tensor) -> Tensor:  # (G, B, C, H, W) pixels -> (G, B, K) logits
             g, b = x.shape[:2]
-            logits = network(models[0].normalize(x).transpose(0, 1).reshape(b, -1, *x.shape[3:]).contiguous(memory_format=torch.channels_last))
+            stacked = models[0].normalize(x).transpose(0, 1).reshape(b, -1, *x.shape[3:])  # (B, G * C, H, W)
+            logits = network(stacked.contiguous(memory_format=torch.channels_last))
             return logits.view(b, g, -1).transpose(0, 1)
 
         trainable = list(network.parameters())
