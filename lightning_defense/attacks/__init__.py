@@ -7,14 +7,14 @@ Every attack is a class whose constructor takes the threat model (``eps``, ``nor
 from lightning_defense.attacks.base import Attack, AttackGoal, apply_trigger, train_surrogate
 from lightning_defense.attacks.autoregressive import AutoregressivePerturbation
 from lightning_defense.attacks.error_minimizing import ErrorMinimizingNoise
-from lightning_defense.attacks.feature_collision import BullseyePolytope, PoisonFrogs
+from lightning_defense.attacks.feature_collision import BullseyePolytope, FeatureCollisionNoiseControl, PoisonFrogs
 from lightning_defense.attacks.linear_separable import (
     ClasswiseLinearSeparablePerturbation,
     LinearSeparablePerturbation,
     LSPNoiseControl,
 )
 from lightning_defense.attacks.metrics import AttackSuccessRate
-from lightning_defense.attacks.random_noise import RandomNoiseControl, UniversalRandomPerturbation
+from lightning_defense.attacks.random_noise import RandomNoiseControl, TargetedNoiseControl, UniversalRandomPerturbation
 from lightning_defense.attacks.sleeper_agent import SleeperAgent
 from lightning_defense.attacks.witches_brew import GradientMatchingAttack, WitchesBrew
 
@@ -24,6 +24,7 @@ __all__ = [
     "AttackSuccessRate",
     "AutoregressivePerturbation",
     "BullseyePolytope",
+    "FeatureCollisionNoiseControl",
     "ClasswiseLinearSeparablePerturbation",
     "LSPNoiseControl",
     "ErrorMinimizingNoise",
@@ -32,6 +33,7 @@ __all__ = [
     "PoisonFrogs",
     "RandomNoiseControl",
     "SleeperAgent",
+    "TargetedNoiseControl",
     "UniversalRandomPerturbation",
     "WitchesBrew",
     "apply_trigger",

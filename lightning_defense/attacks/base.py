@@ -290,6 +290,16 @@ def scale_to_ball(delta: Tensor, eps: float, norm: str) -> Tensor:
     return delta * (eps / size.clamp_min(1e-12)).view(-1, *([1] * (delta.ndim - 1)))
 
 
+def random_delta(shape: tuple, eps: float, norm: str, generator: torch.Generator) -> Tensor:
+    """The noise controls' draw: uniform in [-eps, eps] per pixel (``linf``) or Gaussian scaled to l2 norm ``eps``.
+
+    Drawn on the CPU from ``generator`` (the keyed stream), so the same seed gives the same noise on every device.
+    """
+    if norm == "linf":
+        return (torch.rand(shape, generator=generator) * 2 - 1) * eps
+    return scale_to_ball(torch.randn(shape, generator=generator), eps, "l2")
+
+
 def apply_trigger(images: Tensor, trigger: Tensor, xy: Optional[str] = None) -> Tensor:
     """Paste the backdoor patch ``trigger`` (C, h, w) onto ``images``; ``xy`` is ``"x,y"`` (column, row) or None.
 

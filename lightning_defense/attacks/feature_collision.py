@@ -45,6 +45,7 @@ from lightning_defense.attacks.base import (
     check_split,
     poison_set,
     project,
+    random_delta,
     require_goal,
     train_surrogate,
 )
@@ -226,8 +227,13 @@ class FeatureCollisionAttack(Attack):
             return (features.mean(0) - target_feature).pow(2).sum() / scale
         return (features - target_feature).pow(2).sum(1).sum() / scale
 
-    def collide(self, model: ImageClassifier, clean: Tensor, target: Tensor) -> tuple[Tensor, float]:
-        """Optimise the perturbations of ``clean`` so their features collide with ``target``'s; returns (delta, loss)."""
+    def collide(self, model: ImageClassifier, clean: Tensor, target: Tensor,
+                generator: Optional[torch.Generator] = None) -> tuple[Tensor, float]:
+        """Optimise the perturbations of ``clean`` so their features collide with ``target``'s; returns (delta, loss).
+
+        The optimisation starts from zero and draws nothing; ``generator`` (the crafting stream) is for
+        :class:`FeatureCollisionNoiseControl`.
+        """
         with torch.no_grad():
             target_feature = extract_features(model, target[None])[0]
         delta = torch.zeros_like(clean, requires_grad=True)
@@ -264,7 +270,7 @@ class FeatureCollisionAttack(Attack):
         try:
             clean = images[indices].float().to(device)
             target = goal.target_image.float().to(device)
-            delta, loss = self.collide(model, clean, target)
+            delta, loss = self.collide(model, clean, target, generator)
         finally:
             for p, flag in zip(model.parameters(), requires_grad):
                 p.requires_grad_(flag)
@@ -315,3 +321,35 @@ class BullseyePolytope(FeatureCollisionAttack):
     def __init__(self, eps: float = 16 / 255, norm: str = "linf", budget: float = 0.01, steps: int = 200,
                  lr: float = 0.1, **kwargs) -> None:
         super().__init__(eps, norm, budget, steps, lr, 0.0, **kwargs)
+
+
+class FeatureCollisionNoiseControl(FeatureCollisionAttack):
+    """The random-noise control of Poison Frogs and Bullseye Polytope: same poisons, random deltas.
+
+    It picks the budget's training images of the adversarial class exactly as the attack does (same goal, same
+    seed: the same images) and perturbs each by its own random draw in the same eps-ball
+    (:func:`~lightning_defense.attacks.base.random_delta`), with no optimisation. With the attack's extractor
+    settings (``backbone``, ``backbone_kwargs``, ``extractor_epochs``, ``extractor_lr``, ``extractor_seed``) its
+    transfer victims use the same extractor, so a target flipped here is the victim's own error, the floor the
+    attack's success counts against. The poison set records the collision loss the noise reaches.
+
+    Args: see :class:`FeatureCollisionAttack` (``steps``, ``lr`` and ``beta`` are unused).
+
+    Example::
+
+        control = FeatureCollisionNoiseControl(eps=32 / 255, budget=0.01, extractor=pretrained)
+        poisons = control.craft(train_images, train_labels, goal=goal, seed=0)  # the attack's goal and seed
+    """
+
+    name = "feature_collision_noise_control"
+
+    def collide(self, model: ImageClassifier, clean: Tensor, target: Tensor,
+                generator: Optional[torch.Generator] = None) -> tuple[Tensor, float]:
+        if generator is None:
+            raise ValueError("FeatureCollisionNoiseControl.collide needs the crafting generator (call craft)")
+        delta = project(random_delta(clean.shape, self.eps, self.norm, generator).to(clean.device), clean,
+                        self.eps, self.norm)
+        with torch.no_grad():
+            target_feature = extract_features(model, target[None])[0]
+            loss = self.collision_loss(extract_features(model, clean + delta), target_feature).item()
+        return delta, loss

@@ -7,6 +7,9 @@ shortcut, instead of the digits or objects, and its clean test accuracy drops.
 :class:`RandomNoiseControl`: every poisoned sample gets its own random draw in the same eps-ball and budget,
 with no class structure. An attack's success counts only against this noise (e.g. for EM, Huang et al.'s
 error-minimising noise, which starts from the same uniform draw).
+
+:class:`TargetedNoiseControl`: the same for a targeted attack trained from scratch (Witches' Brew): the
+attack's budget of adversarial-class images, each with its own random draw, scored on the attack's target.
 """
 
 from __future__ import annotations
@@ -14,7 +17,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_defense.attacks.base import IndiscriminateAttack, scale_to_ball
+from typing import Optional
+
+from lightning_defense.attacks.base import (
+    Attack,
+    AttackGoal,
+    IndiscriminateAttack,
+    budget_count,
+    budget_indices,
+    check_split,
+    poison_set,
+    project,
+    random_delta,
+    require_goal,
+    scale_to_ball,
+)
+from lightning_defense.datamodules.poison import PoisonSet
 
 
 class UniversalRandomPerturbation(IndiscriminateAttack):
@@ -76,8 +94,43 @@ class RandomNoiseControl(IndiscriminateAttack):
     name = "random_noise"
 
     def perturbation(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
-        if self.norm == "linf":
-            delta = (torch.rand(images.shape, generator=generator) * 2 - 1) * self.eps
-        else:
-            delta = scale_to_ball(torch.randn(images.shape, generator=generator), self.eps, "l2")
-        return delta.to(images.device)  # drawn on the CPU (the keyed stream), used on the attack's device
+        # drawn on the CPU (the keyed stream), used on the attack's device
+        return random_delta(images.shape, self.eps, self.norm, generator).to(images.device)
+
+
+class TargetedNoiseControl(Attack):
+    """The random-noise control of a targeted attack (Witches' Brew): same goal, samples, budget and ball.
+
+    With the attack's seed it takes the trial's goal (:meth:`Attack.sample_goal`) and the same ``budget * N``
+    training images of the adversarial class that Witches' Brew (``selection="random"``) and the
+    feature-collision attacks pick, and perturbs each by its own random draw
+    (:func:`~lightning_defense.attacks.base.random_delta`), projected onto the ball and the [0, 1] box. A
+    target it "flips" is the victim's own error: the floor the attack's success counts against. For transfer
+    victims use :class:`~lightning_defense.attacks.FeatureCollisionNoiseControl`, which carries the extractor.
+
+    Args: ``eps``, ``norm``, ``budget``, ``progress``, ``device``, ``precision``: see :class:`Attack` (the
+    attack's own values).
+
+    Example::
+
+        control = TargetedNoiseControl(eps=16 / 255, budget=0.01)
+        poisons = control.craft(images, labels, goal=goal, seed=0)  # the attack's goal and seed
+    """
+
+    kind = "targeted"
+    name = "targeted_noise_control"
+
+    def craft(self, images: Tensor, labels: Tensor, *, goal: Optional[AttackGoal] = None, seed: int = 0) -> PoisonSet:
+        check_split(images, labels)
+        goal = require_goal(self, goal, "target_image", "adversarial_label")
+        generator = torch.Generator().manual_seed(int(seed))
+        candidates = (labels == goal.adversarial_label).nonzero().flatten()
+        indices = budget_indices(candidates, budget_count(self.budget, len(images)), generator,
+                                 f"training images of the adversarial class {goal.adversarial_label}")
+        clean = images[indices].float()
+        delta = project(random_delta(clean.shape, self.eps, self.norm, generator), clean, self.eps, self.norm)
+        target_label = int(goal.target_label if goal.target_label is not None else -1)
+        return poison_set(indices, clean + delta, labels[indices], self, target_images=goal.target_image[None].float(),
+                          target_labels=torch.tensor([target_label]),
+                          adversarial_labels=torch.tensor([goal.adversarial_label]),
+                          metadata=self._metadata(seed, target_index=goal.target_index))

@@ -38,6 +38,9 @@ def _evaluate_parser() -> ArgumentParser:
                         help="targeted, backdoor or indiscriminate: the kind of a .npy or benchmark poison")
     parser.add_argument("--trust_pickle", type=bool, default=False, help="allow a benchmark pickle directory")
     parser.add_argument("--progress", type=bool, default=True)
+    parser.add_argument("--clean_row", type=bool, default=True,
+                        help="train the clean row (needed by indiscriminate attacks; false skips it for tables "
+                             "of targeted and backdoor attacks only)")
     parser.add_argument("--device", type=str, default="auto",
                         help="where attacks craft unless their init_args name a device: auto (the victims' GPU, or "
                              "the CPU under trainer.accelerator=cpu), cpu, cuda, cuda:<i> or mps")

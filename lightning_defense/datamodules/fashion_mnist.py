@@ -122,6 +122,20 @@ def read_fashion_mnist(data_dir: str | Path) -> dict[str, tuple[torch.Tensor, to
     return out
 
 
+def balanced_subset(indices: torch.Tensor, labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """``size / C`` seeded draws per class among ``indices`` (positions into ``labels``), sorted."""
+    per_class = size // len(CLASSES)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(len(CLASSES)):
+        members = indices[labels[indices] == c]
+        if len(members) < per_class:
+            raise ValueError(f"train_subset={size} needs {per_class} training images of class {c} "
+                             f"({CLASSES[c]}); the training split has {len(members)}")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return torch.cat(chosen).sort().values
+
+
 class FashionMNISTDataModule(ImageDataModule):
     """Fashion-MNIST (Xiao et al., 2017): 60,000 training and 10,000 test 28x28 grayscale images of 10
     kinds of clothing, read from the idx files; images are kept as uint8.
@@ -136,6 +150,10 @@ class FashionMNISTDataModule(ImageDataModule):
             60,000. The t10k file is the test split and is used for nothing else.
         image_size: Side length; other than 28 the images are resized (bilinear, antialiased).
         num_channels: 1 (grayscale) or 3 (the gray image repeated, for RGB models).
+        train_subset: Train on this many images of the training split only: a seeded, class-balanced subset
+            (``train_subset / 10`` per class), e.g. 2,500 for the poisoning benchmark's transfer setting
+            (Schwarzschild et al.: a pretrained extractor fine-tuned on 2,500 images). None: all of it. The
+            validation and test splits are unchanged.
         batch_size, num_workers, seed: see :class:`ImageDataModule`.
     """
 
@@ -148,6 +166,7 @@ class FashionMNISTDataModule(ImageDataModule):
         val_fraction: float = 0.1,
         image_size: int = 28,
         num_channels: int = 1,
+        train_subset: Optional[int] = None,
         batch_size: int = 128,
         num_workers: int = 0,
         seed: int = 0,
@@ -160,8 +179,13 @@ class FashionMNISTDataModule(ImageDataModule):
             raise ValueError(f"image_size must be a positive int; got {image_size!r}")
         if num_channels not in (1, 3):
             raise ValueError(f"num_channels must be 1 or 3; got {num_channels}")
+        if train_subset is not None and (isinstance(train_subset, bool) or not isinstance(train_subset, int)
+                                         or train_subset < len(CLASSES) or train_subset % len(CLASSES)):
+            raise ValueError(f"train_subset must be None or a positive multiple of {len(CLASSES)} (the same count "
+                             f"per class), e.g. 2500; got {train_subset!r}")
         self.data_dir = data_dir
         self.val_fraction = val_fraction
+        self.train_subset = train_subset
         self.image_size = image_size
         self.num_channels = num_channels
         self.train_indices: torch.Tensor | None = None  # positions in the training file, set by setup()
@@ -187,6 +211,8 @@ class FashionMNISTDataModule(ImageDataModule):
                 f"val_fraction={self.val_fraction} of the {len(train_x)} training images leaves "
                 f"{len(val_idx)} for validation and {len(train_idx)} for training; both need some"
             )
+        if self.train_subset is not None:
+            train_idx = balanced_subset(train_idx, train_y, self.train_subset, self.seed)
         self.train_indices, self.val_indices = train_idx, val_idx
         self.train_set = IndexedDataset(self._images(train_x[train_idx]), train_y[train_idx])
         self.val_set = IndexedDataset(self._images(train_x[val_idx]), train_y[val_idx])

@@ -78,6 +78,11 @@ class EvaluationConfig:
     name their own ``device``: ``"auto"`` (the default) is the victims' GPU, or the CPU when the victim's
     trainer has ``accelerator: cpu``; ``"cpu"``, ``"cuda"``, ``"cuda:<i>"`` or ``"mps"`` name one. Victims
     train on their trainer's accelerator.
+
+    ``clean_row`` trains the ``clean`` row: the global ``model`` on clean data, per defense and trial. An
+    indiscriminate attack's success is the drop from it, so those attacks need it. Targeted and backdoor
+    success never uses it, so a table of only those attacks may set ``clean_row: false`` and save one victim
+    per defense and trial (e.g. transfer victims, whose clean reference is not the from-scratch model).
     """
 
     data: dict
@@ -95,9 +100,12 @@ class EvaluationConfig:
     trust_pickle: bool = False
     progress: bool = True
     device: str = "auto"
+    clean_row: bool = True
 
     def __post_init__(self) -> None:
         check_device(self.device, "device (where attacks craft)")
+        if not isinstance(self.clean_row, bool):
+            raise ValueError(f"clean_row must be true or false; got {self.clean_row!r}")
         if not isinstance(self.trials, int) or self.trials < 1:
             raise ValueError(f"trials must be an int >= 1; got {self.trials!r}")
         if not isinstance(self.data, dict):

@@ -177,6 +177,9 @@ class Evaluation:
             self.attacks[spec["name"]] = attack
             self.victims[spec["name"]] = victim
             self.goals[spec["name"]] = fixed_goal(spec.get("goal"), attack, what)
+            if attack.kind == "indiscriminate" and not config.clean_row:
+                raise ValueError(f"{what}: an indiscriminate attack's success is the drop from the clean row; "
+                                 f"set clean_row: true (or leave it out), or evaluate it in another table")
             if victim.transfer and not hasattr(attack, "save_extractor"):
                 raise ValueError(f"{what}: victim.transfer needs an attack with a fixed feature "
                                  f"extractor (PoisonFrogs, BullseyePolytope); {type(attack).__name__} has none")
@@ -327,7 +330,8 @@ class Evaluation:
         c = self.config
         rows = list(self.attacks) if c.poison is None else [Path(c.poison).stem]
         records = []
-        self.progress = VictimProgress(c.trials * (1 + len(rows)) * len(self.defenses), enabled=self.rank == 0)
+        self.progress = VictimProgress(c.trials * (int(c.clean_row) + len(rows)) * len(self.defenses),
+                                       enabled=self.rank == 0)
         for trial in range(c.trials):
             seed = trial_seed(c.seed, trial)
             base = instantiate(c.data, L.LightningDataModule, "data")
@@ -340,13 +344,16 @@ class Evaluation:
                 if row in self.victims and self.victims[row].transfer:
                     self._extractor(row, images, labels)
                 self._poisons(row, trial, seed, *goals)
-            clean = {}
-            for defense in self.defenses:
+            clean = {NO_DEFENSE: None}
+            for defense in self.defenses if c.clean_row else []:
                 record = self._run_cell(CLEAN_ROW, defense, trial, seed, None, None)
                 clean[defense.name] = record["accuracy"]
                 records.append(record)
             for row in rows:
                 poisons = self._poisons(row, trial, seed, *goals)  # from the cache (or the given file) again
+                if poisons.kind == "indiscriminate" and not c.clean_row:
+                    raise ValueError(f"{row} is an indiscriminate poison set: its success is the drop from the "
+                                     f"clean row; set clean_row: true")
                 for defense in self.defenses:
                     records.append(self._run_cell(row, defense, trial, seed, poisons, clean[NO_DEFENSE]))
         self.collective.barrier("evaluate.results")  # rank 0 has written every result

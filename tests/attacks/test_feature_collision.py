@@ -9,8 +9,13 @@ import torch
 
 from tests.attacks.conftest import check_targeted_poisons
 
-from lightning_defense.attacks import AttackGoal, BullseyePolytope, PoisonFrogs, train_surrogate
-from lightning_defense.attacks.base import project
+from lightning_defense.attacks import (
+    AttackGoal,
+    BullseyePolytope,
+    FeatureCollisionNoiseControl,
+    PoisonFrogs,
+    train_surrogate,
+)
 from lightning_defense.attacks.feature_collision import extract_features, fit_linear_head
 
 # Digits need a larger bound and budget than the papers' CIFAR-10 (8-16/255, 5-25 poisons): at 16/255 the
@@ -85,11 +90,9 @@ def test_transfer_attack_succeeds_and_random_noise_does_not(cls, extractor, digi
         return poisons.indices, poisons.images
 
     def noise(goal, trial):  # the same budget of adversarial-class images, uniform noise in the same bound
-        generator = torch.Generator().manual_seed(trial)
-        candidates = (y == goal.adversarial_label).nonzero().flatten()
-        indices = candidates[torch.randperm(len(candidates), generator=generator)[:round(BUDGET * len(x))]]
-        delta = (torch.rand(x[indices].shape, generator=generator) * 2 - 1) * EPS
-        return indices, x[indices] + project(delta, x[indices], EPS, "linf")
+        poisons = FeatureCollisionNoiseControl(eps=EPS, budget=BUDGET, extractor=extractor, progress=False).craft(
+            x, y, goal=goal, seed=trial)
+        return poisons.indices, poisons.images
 
     wins, accuracy = _transfer_success(extractor, digits16, crafted)
     noise_wins, _ = _transfer_success(extractor, digits16, noise)
@@ -125,15 +128,29 @@ def test_argument_errors(small_split):
         attack.craft(x, y, goal=goal, seed=0)
 
 
-class UniformNoiseControl(BullseyePolytope):
-    """The control of the transfer evaluation: Bullseye's budget and bound, uniform noise instead of collision."""
-
-    name = "noise_control"
-
-    def collide(self, model, clean, target):
-        generator = torch.Generator().manual_seed(len(clean))
-        delta = (torch.rand(clean.shape, generator=generator) * 2 - 1) * self.eps
-        return project(delta, clean, self.eps, self.norm), float("nan")
+@pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.5)])
+def test_noise_control_perturbs_the_attacks_samples_at_random(norm, eps, extractor, digits16):
+    """The control takes Bullseye's goal, samples and bound; its deltas are random draws, not a collision."""
+    x, y, xt, yt = digits16
+    attack = BullseyePolytope(eps=eps, norm=norm, budget=BUDGET, steps=60, extractor=extractor, progress=False)
+    control = FeatureCollisionNoiseControl(eps=eps, norm=norm, budget=BUDGET, extractor=extractor, progress=False)
+    goal = attack.sample_goal(xt, yt, num_classes=10, seed=101)
+    assert control.sample_goal(xt, yt, num_classes=10, seed=101).target_index == goal.target_index
+    poisons, noise = attack.craft(x, y, goal=goal, seed=3), control.craft(x, y, goal=goal, seed=3)
+    assert torch.equal(noise.indices, poisons.indices) and noise.kind == "targeted"
+    assert noise.adversarial_labels.tolist() == [goal.adversarial_label]
+    noise.validate(x, y)
+    linf, l2 = noise.perturbation_norms(x)
+    size = linf if norm == "linf" else l2
+    assert size.max() <= eps + 1e-5 and size.min() > 0.5 * eps  # full-size draws, clipped only by the box
+    delta = noise.images - x[noise.indices]
+    assert delta.flatten(1).std(1).min() > 0  # per-pixel noise, not a constant shift
+    assert not torch.equal(delta[0], delta[1])  # each sample its own draw
+    # Random noise leaves the poisons' mean feature far from the target; Bullseye's collision does not.
+    assert float(noise.metadata["collision_loss"]) > 4 * float(poisons.metadata["collision_loss"])
+    again = control.craft(x, y, goal=goal, seed=3)
+    assert torch.equal(again.images, noise.images)
+    assert not torch.equal(control.craft(x, y, goal=goal, seed=4).images, noise.images)
 
 
 def test_evaluate_with_a_transfer_victim(extractor, tmp_path, monkeypatch):
@@ -161,7 +178,7 @@ def test_evaluate_with_a_transfer_victim(extractor, tmp_path, monkeypatch):
               "init_args": {"image_size": 16, "batch_size": 128}},
         attacks=[{"name": "bullseye", "class_path": "lightning_defense.attacks.BullseyePolytope",
                   "init_args": settings, "victim": victim},
-                 {"name": "noise", "class_path": f"{__name__}.UniformNoiseControl",
+                 {"name": "noise", "class_path": "lightning_defense.attacks.FeatureCollisionNoiseControl",
                   "init_args": {**settings, "extractor_path": str(given)}, "victim": victim}],
         model={"backbone": "small_cnn", "backbone_kwargs": {"width": 4}, "crop_padding": 0, "flip": False},
         trainer={"accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 0},

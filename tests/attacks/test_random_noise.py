@@ -89,3 +89,27 @@ def test_bad_norm_and_budget_are_clear_errors():
         RandomNoiseControl(eps=0.1, norm="l1")
     with pytest.raises(ValueError, match=r"budget must be a fraction of the training set in \(0, 1\]; got 0"):
         RandomNoiseControl(eps=0.1, budget=0)
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 16 / 255), ("l2", 0.5)])
+def test_targeted_control_takes_the_attacks_goal_and_samples(norm, eps, small_split):
+    """Witches' Brew's control: the trial's goal, the same adversarial-class images as the attack, random
+    deltas in its ball; scored as a targeted poison set (target and adversarial label recorded)."""
+    from lightning_defense.attacks import TargetedNoiseControl, WitchesBrew
+    from tests.attacks.conftest import check_targeted_poisons
+
+    x, y = small_split
+    control = TargetedNoiseControl(eps=eps, norm=norm, budget=0.05)
+    check_targeted_poisons(control, x, y, eps, norm)  # bound, budget, adversarial class, goal, seeding
+    brew = WitchesBrew(eps=eps, norm=norm, budget=0.05, steps=1, restarts=1, surrogate_epochs=1,
+                       backbone_kwargs={"width": 4}, progress=False)
+    goal = brew.sample_goal(x, y, num_classes=10, seed=7)
+    assert control.sample_goal(x, y, num_classes=10, seed=7).target_index == goal.target_index
+    noise, poisons = control.craft(x, y, goal=goal, seed=5), brew.craft(x, y, goal=goal, seed=5)
+    assert torch.equal(noise.indices, poisons.indices)
+    assert noise.target_labels.tolist() == [goal.target_label] and noise.metadata["target_index"] == str(goal.target_index)
+    delta = noise.images - x[noise.indices]
+    assert not torch.equal(delta[0], delta[1]) and delta.flatten(1).std(1).min() > 0
+    assert not torch.equal(control.craft(x, y, goal=goal, seed=6).images, noise.images)
+    with pytest.raises(ValueError, match="targeted_noise_control needs goal with target_image, adversarial_label"):
+        control.craft(x, y, seed=0)

@@ -84,6 +84,33 @@ def test_bad_arguments(tmp_path):
         FashionMNISTDataModule(str(tmp_path), val_fraction=0.01).setup()
 
 
+def test_train_subset_is_seeded_class_balanced_and_leaves_validation_and_test_alone(tmp_path):
+    arrays = write_split_files(tmp_path, gz=False, n_train=400, n_test=5)
+    labels = torch.from_numpy(arrays["train-labels-idx1-ubyte"]).long()
+    full = FashionMNISTDataModule(str(tmp_path), val_fraction=0.25, seed=2)
+    full.setup()
+    dm = FashionMNISTDataModule(str(tmp_path), val_fraction=0.25, seed=2, train_subset=50)
+    dm.setup()
+    assert torch.equal(dm.val_indices, full.val_indices)  # validation is held out of the file as before
+    assert torch.equal(dm.test_set.images, full.test_set.images)
+    assert len(dm.train_indices) == 50 and len(set(dm.train_indices.tolist())) == 50
+    assert set(dm.train_indices.tolist()) <= set(full.train_indices.tolist())  # never a validation image
+    assert torch.bincount(labels[dm.train_indices], minlength=10).tolist() == [5] * 10
+    assert torch.equal(dm.train_set.labels, labels[dm.train_indices])
+    again = FashionMNISTDataModule(str(tmp_path), val_fraction=0.25, seed=2, train_subset=50)
+    again.setup()
+    other = FashionMNISTDataModule(str(tmp_path), val_fraction=0.25, seed=3, train_subset=50)
+    other.setup()
+    assert torch.equal(again.train_indices, dm.train_indices) and not torch.equal(other.train_indices, dm.train_indices)
+    for bad in (0, 25, 2.5e3, True):
+        with pytest.raises(ValueError, match=f"train_subset must be None or a positive multiple of 10 .*; got {bad}"):
+            FashionMNISTDataModule(str(tmp_path), train_subset=bad)
+    short = FashionMNISTDataModule(str(tmp_path), val_fraction=0.25, train_subset=400)
+    with pytest.raises(ValueError, match=r"train_subset=400 needs 40 training images of class \d .*; the training "
+                                         r"split has \d+"):
+        short.setup()
+
+
 def test_missing_directory_names_both_ways_to_get_the_files(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         FashionMNISTDataModule(str(tmp_path / "nowhere")).prepare_data()
@@ -190,3 +217,22 @@ def test_real_fashion_mnist():
     train_y = torch.from_numpy(raw("train-labels-idx1-ubyte", 8).astype(np.int64))
     assert torch.equal(dm.train_set.images, train_x[train_idx]) and torch.equal(dm.val_set.images, train_x[val_idx])
     assert torch.equal(dm.train_set.labels, train_y[train_idx]) and torch.equal(dm.val_set.labels, train_y[val_idx])
+
+
+def test_shipped_extractor_transfers_to_the_real_2500_image_subset():
+    """The transfer setting of configs/fashion_mnist/evaluate_transfer.yaml on the real files: the shipped
+    extractor (trained on the 54,000-image split) loads from safetensors, and a logistic head fitted on the
+    class-balanced 2,500-image subset classifies the real test images as BENCHMARKS.md says (86.0% on all 10,000)."""
+    from lightning_defense.attacks.feature_collision import extract_features, fit_linear_head, load_extractor
+
+    path = Path(__file__).resolve().parents[2] / "lightning_defense/assets/fashion_mnist_extractor_14x14.safetensors"
+    extractor = load_extractor(path, backbone_kwargs={"width": 16}, num_classes=10, in_chans=1, device="cpu")
+    dm = FashionMNISTDataModule(image_size=14, seed=0, train_subset=2500)
+    dm.setup()
+    x, y = dm.train_tensors()
+    xt, yt = dm.test_set.tensors()
+    assert torch.bincount(y, minlength=10).tolist() == [250] * 10
+    with torch.no_grad():
+        head = fit_linear_head(extract_features(extractor, x), y, 10)
+        accuracy = (head(extract_features(extractor, xt[:2000])).argmax(1) == yt[:2000]).float().mean().item()
+    assert 0.83 < accuracy < 0.90, accuracy

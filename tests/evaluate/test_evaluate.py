@@ -103,6 +103,37 @@ def test_evaluate_writes_tables_and_resumes(tmp_path, monkeypatch):
     assert changed.executed == 2
 
 
+def test_clean_row_false_trains_only_the_attack_rows(tmp_path, monkeypatch):
+    """Without the clean row a targeted table trains one victim per attack, defense and trial, and scores them
+    the same as with it; an indiscriminate attack, whose success is the drop from the clean row, is refused."""
+    real, trained = evaluate_module.train_victim, []
+
+    def counting(config, defense, poisons, *args, **kwargs):
+        trained.append(None if poisons is None else poisons.kind)
+        return real(config, defense, poisons, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "train_victim", counting)
+    without = Evaluation(tiny_config(tmp_path, attacks=[WB], clean_row=False, output_dir=str(tmp_path / "a")))
+    records = without.run()
+    assert trained == ["targeted"] * 4 and without.executed == 4  # 2 trials x (none + gauss), no clean victim
+    assert {r["attack"] for r in records} == {"wb"}
+    with_clean = Evaluation(tiny_config(tmp_path, attacks=[WB], output_dir=str(tmp_path / "b"))).run()
+    scored = {(r["trial"], r["defense"]): (r["accuracy"], r["success"]) for r in with_clean if r["attack"] == "wb"}
+    assert {(r["trial"], r["defense"]): (r["accuracy"], r["success"]) for r in records} == scored
+    summary, table = Evaluation(tiny_config(tmp_path, attacks=[WB], clean_row=False,
+                                            output_dir=str(tmp_path / "a"))).report(records)
+    assert "| wb | targeted |" in table and "| clean |" not in table
+    with pytest.raises(ValueError, match=r"attacks\[0\] \(urp\): an indiscriminate attack's success is the drop "
+                                         r"from the clean row; set clean_row: true"):
+        Evaluation(tiny_config(tmp_path, attacks=[URP, WB], clean_row=False))
+    given = given_file(tmp_path)
+    with pytest.raises(ValueError, match="given is an indiscriminate poison set: .* set clean_row: true"):
+        Evaluation(tiny_config(tmp_path, attacks=[], defenses=[], trials=1, poison=str(given), clean_row=False,
+                               output_dir=str(tmp_path / "c"))).run()
+    with pytest.raises(ValueError, match="clean_row must be true or false; got 'no'"):
+        tiny_config(tmp_path, clean_row="no")
+
+
 def test_evaluate_a_given_poison_file(tmp_path):
     dm = DigitsDataModule(**DATA["init_args"])
     dm.setup()
