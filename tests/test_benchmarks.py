@@ -32,3 +32,17 @@ def test_fast_recipe_benchmark_runs_small():
     for line in ("fast recipe on Fashion-MNIST", "test accuracy", "s per model", "ResNet-18 recipe: batch 256",
                  "models per hour, fast recipe / ResNet-18 recipe, at 32x32x3:", "from measured per-step times"):
         assert line in out, (line, out[-3000:])
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+def test_feature_collision_search_runs_small():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "feature_collision_search.py"), "--train-subset",
+                           "500", "--eps", "32", "--budget", "0.02", "--steps", "5", "--targets", "1", "--threads", "1"],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "fine-tuning set: 500 images; clean logistic head:" in out
+    for name in ("bullseye_polytope", "poison_frogs", "feature_collision_noise_control"):
+        assert f"| 32/255 | 0.02 (10) | 5 | {name} | " in out, out[-3000:]

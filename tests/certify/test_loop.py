@@ -464,3 +464,16 @@ def test_two_process_cpu_ddp_gives_the_same_votes(tmp_path):
         two = np.load(tmp_path / "two" / "votes" / f"model_{i:06d}.npy")
         assert np.array_equal(one, two), f"model {i} voted differently on 1 and 2 processes"
     assert (tmp_path / "one" / "certificates.csv").read_text() == (tmp_path / "two" / "certificates.csv").read_text()
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_dpa_config_runs_tiny(tmp_path, capsys):
+    """configs/fashion_mnist/certify_dpa.yaml on the real files, shrunk: its partitions cover the 54,000 images."""
+    main(["certify", "--config", str(ROOT / "configs" / "fashion_mnist" / "certify_dpa.yaml"), *CLI_TINY,
+          f"--output_dir={tmp_path}"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_partitions"] == 3 and summary["num_test_points"] == 20
+    sizes = summary["partition_sizes"]
+    assert 54_000 / 3 - 1_000 < sizes["min"] <= sizes["max"] < 54_000 / 3 + 1_000  # the hash spreads them evenly
+    assert "certified accuracy at modified training samples: 0:" in capsys.readouterr().out
