@@ -184,6 +184,21 @@ def budget_indices(candidates: Tensor, count: int, generator: torch.Generator, w
     return chosen.sort().values
 
 
+def adversarial_class_poisons(attack: Attack, labels: Tensor, goal: AttackGoal, generator: torch.Generator) -> Tensor:
+    """A targeted attack's poison indices: ``attack.budget * N`` training images of ``goal``'s adversarial class,
+    drawn from ``generator`` (so an attack and its noise control, seeded alike, pick the same images)."""
+    candidates = (labels == goal.adversarial_label).nonzero().flatten()
+    return budget_indices(candidates, budget_count(attack.budget, len(labels)), generator,
+                          f"training images of the adversarial class {goal.adversarial_label}")
+
+
+def target_fields(goal: AttackGoal, target_image: Tensor) -> dict:
+    """The :class:`PoisonSet` fields that score a targeted attack: its target and the label it should get."""
+    return {"target_images": target_image[None].float(),
+            "target_labels": torch.tensor([int(goal.target_label if goal.target_label is not None else -1)]),
+            "adversarial_labels": torch.tensor([goal.adversarial_label])}
+
+
 def budget_count(budget: float, n: int) -> int:
     """Number of samples a fractional budget allows, at least one."""
     return max(1, int(round(budget * n)))

@@ -40,13 +40,13 @@ from torch import Tensor
 from lightning_defense.attacks.base import (
     Attack,
     AttackGoal,
-    budget_count,
-    budget_indices,
+    adversarial_class_poisons,
     check_split,
     poison_set,
     project,
     random_delta,
     require_goal,
+    target_fields,
     train_surrogate,
 )
 from lightning_defense.datamodules.poison import PoisonSet
@@ -259,9 +259,7 @@ class FeatureCollisionAttack(Attack):
         check_split(images, labels)
         goal = require_goal(self, goal, "target_image", "adversarial_label")
         generator = torch.Generator().manual_seed(int(seed))
-        candidates = (labels == goal.adversarial_label).nonzero().flatten()
-        indices = budget_indices(candidates, budget_count(self.budget, len(images)), generator,
-                                 f"training images of the adversarial class {goal.adversarial_label}")
+        indices = adversarial_class_poisons(self, labels, goal, generator)
         device = self.stage_device("craft")
         model = self.feature_extractor(images, labels).to(device)
         requires_grad = [p.requires_grad for p in model.parameters()]
@@ -274,10 +272,8 @@ class FeatureCollisionAttack(Attack):
         finally:
             for p, flag in zip(model.parameters(), requires_grad):
                 p.requires_grad_(flag)
-        target_label = int(goal.target_label if goal.target_label is not None else -1)
         return poison_set(
-            indices, clean + delta, labels[indices], self, target_images=target[None],
-            target_labels=torch.tensor([target_label]), adversarial_labels=torch.tensor([goal.adversarial_label]),
+            indices, clean + delta, labels[indices], self, **target_fields(goal, target),
             metadata=self._metadata(seed, collision_loss=f"{loss:.5f}", target_index=goal.target_index,
                                     extractor_seed=self.extractor_seed),
         )

@@ -14,23 +14,23 @@ attack's budget of adversarial-class images, each with its own random draw, scor
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
-
-from typing import Optional
 
 from lightning_defense.attacks.base import (
     Attack,
     AttackGoal,
     IndiscriminateAttack,
-    budget_count,
-    budget_indices,
+    adversarial_class_poisons,
     check_split,
     poison_set,
     project,
     random_delta,
     require_goal,
     scale_to_ball,
+    target_fields,
 )
 from lightning_defense.datamodules.poison import PoisonSet
 
@@ -124,13 +124,8 @@ class TargetedNoiseControl(Attack):
         check_split(images, labels)
         goal = require_goal(self, goal, "target_image", "adversarial_label")
         generator = torch.Generator().manual_seed(int(seed))
-        candidates = (labels == goal.adversarial_label).nonzero().flatten()
-        indices = budget_indices(candidates, budget_count(self.budget, len(images)), generator,
-                                 f"training images of the adversarial class {goal.adversarial_label}")
+        indices = adversarial_class_poisons(self, labels, goal, generator)
         clean = images[indices].float()
         delta = project(random_delta(clean.shape, self.eps, self.norm, generator), clean, self.eps, self.norm)
-        target_label = int(goal.target_label if goal.target_label is not None else -1)
-        return poison_set(indices, clean + delta, labels[indices], self, target_images=goal.target_image[None].float(),
-                          target_labels=torch.tensor([target_label]),
-                          adversarial_labels=torch.tensor([goal.adversarial_label]),
+        return poison_set(indices, clean + delta, labels[indices], self, **target_fields(goal, goal.target_image),
                           metadata=self._metadata(seed, target_index=goal.target_index))

@@ -34,6 +34,7 @@ from lightning_defense.attacks.base import (
     poison_set,
     project,
     require_goal,
+    target_fields,
     train_surrogate,
 )
 from lightning_defense.datamodules.poison import PoisonSet
@@ -266,8 +267,6 @@ class WitchesBrew(GradientMatchingAttack):
                                 models, generator, seed)
         clean = images[indices].float().to(delta.device)
         return poison_set(
-            indices, clean + delta, labels[indices], self,
-            target_images=target, target_labels=torch.tensor([int(goal.target_label if goal.target_label is not None else -1)]),
-            adversarial_labels=adversarial,
+            indices, clean + delta, labels[indices], self, **target_fields(goal, goal.target_image),
             metadata=self._metadata(seed, alignment_loss=f"{loss:.4f}", target_index=goal.target_index),
         )
