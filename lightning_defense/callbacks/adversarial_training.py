@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_defense.callbacks.modes import eval_mode
+from lightning_defense.callbacks.modes import defense_pass
 from lightning_defense.core import rng
 from lightning_defense.core.batch import require_pixel_range
 from lightning_defense.core.collective import Collective
@@ -131,7 +131,7 @@ class AdversarialTraining(L.Callback):
             require_pixel_range(pixels, "AdversarialTraining")
         else:
             space.check(pixels, "AdversarialTraining")
-        with eval_mode(pl_module), torch.enable_grad():
+        with defense_pass(trainer, pl_module), torch.enable_grad():
             adversarial = pgd_attack(space.model(pl_module), pixels, y, self.eps, self.steps, self.step_size,
                                      self._generator)
         x.copy_(space.from_pixels(adversarial))

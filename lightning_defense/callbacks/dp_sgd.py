@@ -8,7 +8,8 @@ the survey's DP-SGD section), which limits what a few poisons can do. Hong et al
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Callable, Optional
 
 import lightning as L
@@ -120,6 +121,20 @@ class DPSGD(L.Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm)
+
+    @contextmanager
+    def capture_paused(self) -> Iterator[None]:
+        """Opacus' per-sample gradient capture off for the block: a defense's own passes (PGD's attack,
+        FRIENDS' noise) are not training steps and must not leave activations or per-sample gradients."""
+        module = self._grad_sample_module
+        if module is None or not module.hooks_enabled:
+            yield
+            return
+        module.disable_hooks()
+        try:
+            yield
+        finally:
+            module.enable_hooks()
 
     @property
     def epsilon(self) -> float:

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from lightning_defense.callbacks.modes import eval_mode
+from lightning_defense.callbacks.modes import defense_pass
 from lightning_defense.core.batch import dataset_tensors, require_pixel_range, unpack_batch
 from lightning_defense.core.collective import Collective
 from lightning_defense.core.pixels import Normalization, PixelSpace, PixelView
@@ -544,7 +544,7 @@ class FriendsNoise(Callback):
             )
         # in eval mode; afterwards every submodule gets its own mode back (a LinearProbe's extractor stays in eval).
         # Every rank calls fill_cache (it follows rank 0's view of the disk); a no-op but a barrier when complete.
-        with eval_mode(pl_module):
+        with defense_pass(trainer, pl_module):
             fill_cache(cache, lambda start, stop: self._friendly_range(model, images, start, stop),
                        desc="FRIENDS friendly noise", collective=Collective.of(trainer))
         if not cache.is_complete():

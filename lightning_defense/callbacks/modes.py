@@ -8,10 +8,13 @@ extractor, BatchNorm included, in eval mode. :func:`eval_mode` gives every submo
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
+import lightning as L
 from torch import nn
+
+from lightning_defense.callbacks.dp_sgd import DPSGD
 
 
 @contextmanager
@@ -30,3 +33,21 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training  # per module (not m.train(), which would recurse into its children)
+
+
+@contextmanager
+def defense_pass(trainer: L.Trainer, module: nn.Module) -> Iterator[nn.Module]:
+    """A training-time defense's own forward/backward passes: :func:`eval_mode`, with every
+    :class:`~lightning_defense.callbacks.DPSGD` callback's per-sample gradient capture paused (Opacus' hooks
+    would otherwise see the attack's passes and fail on the next training step).
+
+    Example::
+
+        with defense_pass(trainer, pl_module):
+            adversarial = pgd_attack(pl_module, x, y, eps, steps, step_size)
+    """
+    with ExitStack() as stack:
+        for callback in trainer.callbacks:
+            if isinstance(callback, DPSGD):
+                stack.enter_context(callback.capture_paused())
+        yield stack.enter_context(eval_mode(module))

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lightning_defense.callbacks import AdversarialTraining, FriendsNoise
 from lightning_defense.callbacks.dp_sgd import DPSGD
 from lightning_defense.datamodules import DigitsDataModule
 from lightning_defense.models import ImageClassifier
@@ -28,15 +29,8 @@ class RecordFirstStep(L.Callback):
             self.before = {k: v.clone() for k, v in pl_module.named_parameters()}
 
 
-def test_update_is_the_mean_of_clipped_per_sample_gradients(quiet_trainer_kwargs):
-    L.seed_everything(0)
-    clip = 0.05
-    model, record = _model(), RecordFirstStep()
-    dp = DPSGD(noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False)
-    trainer = L.Trainer(max_steps=1, limit_val_batches=0, callbacks=[dp, record], **quiet_trainer_kwargs)
-    trainer.fit(model, datamodule=DigitsDataModule(image_size=8, batch_size=16))
-
-    # Independent computation: per-sample gradients one by one, clipped to `clip`, averaged.
+def _assert_step_is_mean_of_clipped_per_sample_gradients(model, record, clip):
+    """Independent computation: per-sample gradients one by one, clipped to ``clip``, averaged."""
     reference = _model()
     reference.load_state_dict({**reference.state_dict(), **record.before})
     x, y, _ = record.batch
@@ -52,6 +46,45 @@ def test_update_is_the_mean_of_clipped_per_sample_gradients(quiet_trainer_kwargs
     after = dict(model.named_parameters())
     for name, step in zip(names, expected_step):
         torch.testing.assert_close(record.before[name] - after[name].detach(), step, atol=1e-5, rtol=1e-3)
+
+
+def test_update_is_the_mean_of_clipped_per_sample_gradients(quiet_trainer_kwargs):
+    L.seed_everything(0)
+    clip = 0.05
+    model, record = _model(), RecordFirstStep()
+    dp = DPSGD(noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, callbacks=[dp, record], **quiet_trainer_kwargs)
+    trainer.fit(model, datamodule=DigitsDataModule(image_size=8, batch_size=16))
+    _assert_step_is_mean_of_clipped_per_sample_gradients(model, record, clip)
+
+
+def test_adversarial_training_under_dp_sgd_clips_the_adversarial_batch_only(quiet_trainer_kwargs):
+    """PGD's own forward/backward passes run with Opacus' capture paused: the step is the mean of the clipped
+    per-sample gradients of the adversarial batch, as if PGD had not run through the hooked model."""
+    L.seed_everything(0)
+    clip = 0.05
+    model, record = _model(), RecordFirstStep()  # after AdversarialTraining: it records the adversarial batch
+    dp = DPSGD(noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False)
+    callbacks = [dp, AdversarialTraining(eps=8 / 255, steps=2), record]
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, callbacks=callbacks, **quiet_trainer_kwargs)
+    dm = DigitsDataModule(image_size=8, batch_size=16)
+    trainer.fit(model, datamodule=dm)
+    clean = next(iter(dm.train_dataloader()))[0]
+    assert 0 < (record.batch[0] - clean).abs().max() <= 8 / 255 + 1e-6  # the recorded batch is PGD's
+    _assert_step_is_mean_of_clipped_per_sample_gradients(model, record, clip)
+    assert dp._grad_sample_module.hooks_enabled  # capture is back on for the training steps
+
+
+def test_friendly_noise_under_dp_sgd(quiet_trainer_kwargs):
+    """FRIENDS' Algorithm 1 (extra forward/backward passes) runs inside a DP-SGD fit."""
+    L.seed_everything(0)
+    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0)
+    friends = FriendsNoise(begin_epoch=1, steps=2, batch_size=64)
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=0, callbacks=[dp, friends],
+                        **quiet_trainer_kwargs)
+    trainer.fit(_model(), datamodule=DigitsDataModule(image_size=8, batch_size=32))
+    assert friends.friendly_noise is not None and friends.friendly_noise.abs().max() > 0
+    assert dp.epsilon > 0 and dp._grad_sample_module.hooks_enabled
 
 
 def test_reports_finite_epsilon_and_resumes_its_accountant(tmp_path):
