@@ -302,12 +302,15 @@ class Evaluation:
         self.progress.start(f"trial {trial + 1}/{self.config.trials}: {row} / {defense.name}", resumed is not None)
         if resumed is not None:
             return resumed
+        started = time.perf_counter()
         model, data, accuracy = train_victim(self.config, defense, poisons, seed, self.out / "lightning",
                                              victim=victim, extractor=extractor)
+        seconds = time.perf_counter() - started  # the defense's data preparation (e.g. purification) and the fit
         self._hold(model)
         self.executed += 1
         record = {"attack": row, "defense": defense.name, "trial": trial, "seed": seed, "key": key, "accuracy": accuracy,
-                  "kind": None if poisons is None else poisons.kind, "success": None}
+                  "kind": None if poisons is None else poisons.kind, "success": None,
+                  "victim_seconds": round(seconds, 2)}
         if poisons is not None:
             record["success"] = attack_success(model, poisons, data.test_set, clean_accuracy, accuracy)
             if poisons.kind == "targeted":

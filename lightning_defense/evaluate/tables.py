@@ -25,6 +25,8 @@ def summarise(records: list[dict]) -> list[dict]:
             values = [r[metric] for r in rs if r[metric] is not None]
             mean, se = _mean_se(values)
             entry[f"{metric}_mean"], entry[f"{metric}_se"] = mean, se
+        seconds = [r["victim_seconds"] for r in rs if r.get("victim_seconds") is not None]  # absent in old records
+        entry["victim_seconds_mean"] = sum(seconds) / len(seconds) if seconds else None
         summary.append(entry)
     return summary
 
@@ -65,7 +67,20 @@ def markdown_table(summary: list[dict]) -> str:
     lines.append(f"Cells: (clean test accuracy %) attack success %, {spread}. "
                  "Success is the target→adversarial rate (targeted), the triggered→target rate (backdoor), "
                  "or the drop in test accuracy from the clean undefended model (indiscriminate).")
+    times = []
+    for d in defenses:
+        seconds = [s["victim_seconds_mean"] for s in summary if s["defense"] == d and s.get("victim_seconds_mean")]
+        if seconds:
+            times.append(f"{d} {_seconds(sum(seconds) / len(seconds))}")
+    if times:
+        lines.append("Wall time per victim (the defense's data preparation and the fit), mean over the trained "
+                     "cells of each column: " + ", ".join(times) + ".")
     return "\n".join(lines)
+
+
+def _seconds(seconds: float) -> str:
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{seconds:.1f} s"
 
 
 def write_tables(summary: list[dict], out: Path) -> str:
@@ -75,7 +90,8 @@ def write_tables(summary: list[dict], out: Path) -> str:
     atomic_write(out / "table.md", text + "\n")
     atomic_write(out / "table.json", json.dumps(summary, indent=1))
     buffer = io.StringIO()
-    fields = ["attack", "defense", "kind", "trials", "accuracy_mean", "accuracy_se", "success_mean", "success_se"]
+    fields = ["attack", "defense", "kind", "trials", "accuracy_mean", "accuracy_se", "success_mean", "success_se",
+              "victim_seconds_mean"]
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows(summary)

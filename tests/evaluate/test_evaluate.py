@@ -74,6 +74,8 @@ def test_evaluate_writes_tables_and_resumes(tmp_path, monkeypatch):
     summary, table = evaluate(config)
     assert (out / "table.md").read_text().startswith("| attack | kind | none | gauss |")
     assert "| wb | targeted | (" in table and "| urp | indiscriminate | (" in table
+    assert all(r["victim_seconds"] > 0 for r in records)  # each victim's own wall time, kept through the resume
+    assert "Wall time per victim (the defense's data preparation and the fit)" in table and "gauss " in table
     cells = {(s["attack"], s["defense"]): s for s in summary}
     assert cells[("wb", "none")]["trials"] == 2
     wb = [r for r in records if r["attack"] == "wb"]
@@ -473,7 +475,8 @@ def test_evaluate_under_two_process_ddp_matches_one_process(tmp_path):
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "victims trained with DDP on 2 processes" in proc.stdout
-    assert clean.stat().st_mtime_ns == clean_stat and json.loads(urp.read_text()) == urp_record
+    untimed = lambda record: {k: v for k, v in record.items() if k != "victim_seconds"}  # noqa: E731 (wall time differs)
+    assert clean.stat().st_mtime_ns == clean_stat and untimed(json.loads(urp.read_text())) == untimed(urp_record)
 
 
 def _run(marker):
@@ -549,6 +552,11 @@ def test_the_table_shows_a_standard_error_only_where_there_is_one():
     assert "(50.0) 25.0 |" in one and "±" not in one.splitlines()[2] and "one trial" in one
     two = markdown_table(summarise([{**record, "trial": 0}, {**record, "trial": 1, "success": 0.35}]))
     assert "(50.0±0.0) 30.0±5.0" in two and "over 2 trials" in two
+    assert "Wall time" not in two  # records written before victims were timed
+    timed = markdown_table(summarise([{**record, "trial": 0, "victim_seconds": 40.0},
+                                      {**record, "trial": 1, "victim_seconds": 50.0},
+                                      {**record, "defense": "eclipse", "trial": 0, "victim_seconds": 200.0}]))
+    assert "mean over the trained cells of each column: none 45.0 s, eclipse 3 min 20 s." in timed
 
 
 def test_victim_progress_names_each_victim_and_an_eta(capsys, monkeypatch):
