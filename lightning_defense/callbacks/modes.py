@@ -4,6 +4,7 @@ Training-time defenses run extra forward passes in eval mode (PGD's attack, FRIE
 BatchNorm neither uses nor updates batch statistics. A blanket ``module.train()`` afterwards would undo
 modes set on purpose elsewhere: :class:`~lightning_defense.callbacks.LinearProbe` keeps the frozen
 extractor, BatchNorm included, in eval mode. :func:`eval_mode` gives every submodule back its own mode.
+:func:`defense_pass` adds what those passes need under DP-SGD: Opacus' per-sample capture paused.
 """
 
 from __future__ import annotations

@@ -477,3 +477,23 @@ def test_fashion_mnist_dpa_config_runs_tiny(tmp_path, capsys):
     sizes = summary["partition_sizes"]
     assert 54_000 / 3 - 1_000 < sizes["min"] <= sizes["max"] < 54_000 / 3 + 1_000  # the hash spreads them evenly
     assert "certified accuracy at modified training samples: 0:" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_diffusion_certify_config_runs_tiny(tmp_path, capsys, caplog):
+    """configs/fashion_mnist/certify.yaml on the real files, shrunk: each model denoises its own noise draw of
+    the training subset with the shipped Fashion-MNIST DDPM, and the sigma grid gives one run per sigma."""
+    config = ROOT / "configs" / "fashion_mnist" / "certify.yaml"
+    main(["certify", "--config", str(config), "--num_models=3", "--n0=1", "--num_test_points=20",
+          "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--model.backbone_kwargs={width: 4}",
+          "--progress_bar=false", "--data.init_args.train_subset=100", "--sigmas=[0.1, 0.5]",
+          f"--smoothing.init_args.cache_dir={tmp_path / 'cache'}", f"--output_dir={tmp_path / 'out'}"])
+    assert "certified accuracy at radius 0:" in capsys.readouterr().out
+    assert caplog.text.count("purifying 100 training images") == 6  # 3 draws per sigma, each its own cache
+    assert "sigma=0.1 -> t*=58 of 1000" in caplog.text and "sigma=0.5 -> t*=259 of 1000" in caplog.text
+    for s in ("0.1", "0.5"):
+        summary = json.loads((tmp_path / "out" / f"sigma_{s}" / "summary.json").read_text())
+        assert summary["sigma"] == float(s) and summary["num_models"] == 3 and summary["num_test_points"] == 20
+    assert len(list((tmp_path / "cache").iterdir())) == 6
+    assert (tmp_path / "out" / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"
