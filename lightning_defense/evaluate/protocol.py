@@ -302,10 +302,9 @@ class Evaluation:
         self.progress.start(f"trial {trial + 1}/{self.config.trials}: {row} / {defense.name}", resumed is not None)
         if resumed is not None:
             return resumed
-        started = time.perf_counter()
         model, data, accuracy = train_victim(self.config, defense, poisons, seed, self.out / "lightning",
                                              victim=victim, extractor=extractor)
-        seconds = time.perf_counter() - started  # the defense's data preparation (e.g. purification) and the fit
+        seconds = self.progress.elapsed()  # the defense's data preparation (e.g. purification) and the fit
         self._hold(model)
         self.executed += 1
         record = {"attack": row, "defense": defense.name, "trial": trial, "seed": seed, "key": key, "accuracy": accuracy,
@@ -389,9 +388,13 @@ class VictimProgress:
         state = "resumed from its record" if resumed else "training"
         print(f"[victim {self.seen}/{self.total}] {what}: {state}{eta}", file=sys.stderr, flush=True)
 
+    def elapsed(self) -> float:
+        """Seconds since the victim being trained started."""
+        return time.monotonic() - self._started
+
     def done(self) -> None:
         if self._started is not None:
-            self.spent += time.monotonic() - self._started
+            self.spent += self.elapsed()
             self.trained += 1
 
 
