@@ -14,7 +14,12 @@ from lightning_defense.attacks.linear_separable import (
     LSPNoiseControl,
 )
 from lightning_defense.attacks.metrics import AttackSuccessRate
-from lightning_defense.attacks.random_noise import RandomNoiseControl, TargetedNoiseControl, UniversalRandomPerturbation
+from lightning_defense.attacks.random_noise import (
+    BackdoorNoiseControl,
+    RandomNoiseControl,
+    TargetedNoiseControl,
+    UniversalRandomPerturbation,
+)
 from lightning_defense.attacks.sleeper_agent import SleeperAgent
 from lightning_defense.attacks.witches_brew import GradientMatchingAttack, WitchesBrew
 
@@ -23,6 +28,7 @@ __all__ = [
     "AttackGoal",
     "AttackSuccessRate",
     "AutoregressivePerturbation",
+    "BackdoorNoiseControl",
     "BullseyePolytope",
     "FeatureCollisionNoiseControl",
     "ClasswiseLinearSeparablePerturbation",

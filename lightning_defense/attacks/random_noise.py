@@ -10,6 +10,9 @@ error-minimising noise, which starts from the same uniform draw).
 
 :class:`TargetedNoiseControl`: the same for a targeted attack trained from scratch (Witches' Brew): the
 attack's budget of adversarial-class images, each with its own random draw, scored on the attack's target.
+
+:class:`BackdoorNoiseControl`: the same for a hidden-trigger backdoor (Sleeper Agent): the attack's budget of
+target-class images, each with its own random draw, scored on the attack's trigger and classes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from lightning_defense.attacks.base import (
     AttackGoal,
     IndiscriminateAttack,
     adversarial_class_poisons,
+    budget_count,
+    budget_indices,
     check_split,
     poison_set,
     project,
@@ -32,6 +37,7 @@ from lightning_defense.attacks.base import (
     scale_to_ball,
     target_fields,
 )
+from lightning_defense.attacks.sleeper_agent import check_trigger, placed_trigger
 from lightning_defense.datamodules.poison import PoisonSet
 
 
@@ -129,3 +135,56 @@ class TargetedNoiseControl(Attack):
         delta = project(random_delta(clean.shape, self.eps, self.norm, generator), clean, self.eps, self.norm)
         return poison_set(indices, clean + delta, labels[indices], self, **target_fields(goal, goal.target_image),
                           metadata=self._metadata(seed, target_index=goal.target_index))
+
+
+class BackdoorNoiseControl(Attack):
+    """The random-noise control of a hidden-trigger backdoor (Sleeper Agent): same goal, trigger, budget and ball.
+
+    It perturbs ``budget * N`` training images of the goal's target class (labels kept, as Sleeper Agent's
+    poisons), each by its own random draw projected onto the ball and the [0, 1] box, and carries the
+    attack's trigger, so a victim trained on it is scored like the attack's: the rate at which triggered
+    source-class test images go to the target class. That rate is the floor the backdoor counts against: what
+    the patch and the victim do without gradient matching. The images are drawn at random: Sleeper Agent's
+    max-gradient selection needs its surrogate, and random noise on other images of the class is the same
+    control. Pass the attack's own trigger arguments (e.g. one YAML anchor) and use its goal and seed.
+
+    Args:
+        eps, norm, budget: The attack's threat model (see :class:`Attack`).
+        patch_size, trigger, trigger_xy, trigger_seed: The attack's trigger (see :class:`SleeperAgent`).
+        progress, device, precision: See :class:`Attack`.
+
+    Raises:
+        ValueError: On a bad argument, or at :meth:`craft` a goal without source and target class.
+
+    Example::
+
+        control = BackdoorNoiseControl(eps=16 / 255, budget=0.01, patch_size=8)
+        poisons = control.craft(images, labels, goal=AttackGoal(source_class=8, target_class=5), seed=0)
+    """
+
+    kind = "backdoor"
+    name = "backdoor_noise_control"
+
+    def __init__(self, eps: float = 16 / 255, norm: str = "linf", budget: float = 0.01, patch_size: int = 8,
+                 trigger: str = "random", trigger_xy: Optional[str] = None, trigger_seed: int = 0,
+                 progress: bool = True, device: str = "auto", precision: str = "32") -> None:
+        super().__init__(eps, norm, budget, progress, device, precision)
+        check_trigger(patch_size, trigger, trigger_xy, trigger_seed)
+        self.patch_size, self.trigger, self.trigger_xy, self.trigger_seed = patch_size, trigger, trigger_xy, trigger_seed
+
+    def craft(self, images: Tensor, labels: Tensor, *, goal: Optional[AttackGoal] = None, seed: int = 0) -> PoisonSet:
+        check_split(images, labels)
+        goal = require_goal(self, goal, "source_class", "target_class")
+        source_class, target_class = int(goal.source_class), int(goal.target_class)
+        if source_class == target_class:
+            raise ValueError(f"source_class and target_class must differ; got both {source_class}")
+        trigger, xy = placed_trigger(images, self.patch_size, self.trigger, self.trigger_seed, self.trigger_xy)
+        generator = torch.Generator().manual_seed(int(seed))
+        candidates = (labels == target_class).nonzero().flatten()
+        indices = budget_indices(candidates, budget_count(self.budget, len(labels)), generator,
+                                 f"training images of the target class {target_class}")
+        clean = images[indices].float()
+        delta = project(random_delta(clean.shape, self.eps, self.norm, generator), clean, self.eps, self.norm)
+        return poison_set(indices, clean + delta, labels[indices], self, trigger=trigger, source_class=source_class,
+                          target_class=target_class,
+                          metadata=self._metadata(seed, trigger_xy=xy, patch_size=self.patch_size, trigger=self.trigger))

@@ -59,6 +59,28 @@ def make_trigger(channels: int, patch_size: int, pattern: str = "random", seed: 
     raise ValueError(f"trigger must be one of {TRIGGERS}; got {pattern!r}")
 
 
+def check_trigger(patch_size: int, pattern: str, xy: Optional[str], seed: int) -> Tensor:
+    """Validate a backdoor's trigger arguments early (see :class:`SleeperAgent`); returns its 1-channel pattern."""
+    one_channel = make_trigger(1, patch_size, pattern, seed)
+    if xy is not None:
+        parts = str(xy).split(",")
+        if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+            raise ValueError(f"trigger_xy must be 'x,y' (column, row of the top-left corner) or None; got {xy!r}")
+    return one_channel
+
+
+def placed_trigger(images: Tensor, patch_size: int, pattern: str, seed: int, xy: Optional[str]) -> tuple[Tensor, str]:
+    """The trigger for ``images`` (their channels) and its ``"x,y"`` position: ``xy``, or the bottom-right corner.
+
+    Raises:
+        ValueError: When the patch does not fit the images at that position.
+    """
+    height, width = images.shape[-2:]
+    trigger, xy = make_trigger(images.shape[1], patch_size, pattern, seed), xy or f"{width - patch_size},{height - patch_size}"
+    apply_trigger(images[:0], trigger, xy)
+    return trigger, xy
+
+
 class SleeperAgent(GradientMatchingAttack):
     """Sleeper Agent (Souri et al. 2022): triggered ``goal.source_class`` inputs go to ``goal.target_class``.
 
@@ -93,11 +115,7 @@ class SleeperAgent(GradientMatchingAttack):
                  selection: str = "max_gradient", **kwargs) -> None:
         super().__init__(eps, norm, budget, steps=steps, restarts=restarts, retrain_rounds=retrain_rounds,
                          selection=selection, **kwargs)
-        self.trigger_pattern = make_trigger(1, patch_size, trigger, trigger_seed)  # validates early
-        if trigger_xy is not None:
-            parts = str(trigger_xy).split(",")
-            if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
-                raise ValueError(f"trigger_xy must be 'x,y' (column, row of the top-left corner) or None; got {trigger_xy!r}")
+        self.trigger_pattern = check_trigger(patch_size, trigger, trigger_xy, trigger_seed)
         if max_source is not None and (not isinstance(max_source, int) or max_source < 1):
             raise ValueError(f"max_source must be an int >= 1 or None; got {max_source!r}")
         self.patch_size, self.trigger, self.trigger_xy, self.trigger_seed = patch_size, trigger, trigger_xy, trigger_seed
@@ -109,9 +127,7 @@ class SleeperAgent(GradientMatchingAttack):
         source_class, target_class = int(goal.source_class), int(goal.target_class)
         if source_class == target_class:
             raise ValueError(f"source_class and target_class must differ; got both {source_class}")
-        height, width = images.shape[-2:]
-        xy = self.trigger_xy or f"{width - self.patch_size},{height - self.patch_size}"
-        trigger = make_trigger(images.shape[1], self.patch_size, self.trigger, self.trigger_seed)
+        trigger, xy = placed_trigger(images, self.patch_size, self.trigger, self.trigger_seed, self.trigger_xy)
         device = self.stage_device("craft")
         generator = torch.Generator().manual_seed(int(seed))
 
@@ -120,7 +136,7 @@ class SleeperAgent(GradientMatchingAttack):
             raise ValueError(f"no training images of the source class {source_class}; pick another source_class")
         if self.max_source is not None and len(sources) > self.max_source:
             sources = sources[torch.randperm(len(sources), generator=generator)[:self.max_source]].sort().values
-        triggered = apply_trigger(images[sources].float(), trigger, xy)  # raises if the patch does not fit
+        triggered = apply_trigger(images[sources].float(), trigger, xy)
         wanted = torch.full((len(triggered),), target_class)
 
         models, indices = self.surrogates_and_poisons(images, labels, target_class, "target class", generator, seed)

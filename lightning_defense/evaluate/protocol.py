@@ -73,7 +73,7 @@ from lightning_defense.evaluate.config import (
     crafting_device,
     fixed_goal,
 )
-from lightning_defense.evaluate.tables import markdown_table, summarise, write_tables
+from lightning_defense.evaluate.tables import duration, markdown_table, summarise, write_tables
 from lightning_defense.evaluate.victims import attack_success, check_scorable, train_victim
 
 
@@ -384,7 +384,7 @@ class VictimProgress:
         if not self.enabled:
             return
         left = self.total - self.seen + (0 if resumed else 1)
-        eta = f", ETA {_duration(self.spent / self.trained * left)}" if self.trained and not resumed else ""
+        eta = f", ETA {duration(self.spent / self.trained * left)}" if self.trained and not resumed else ""
         state = "resumed from its record" if resumed else "training"
         print(f"[victim {self.seen}/{self.total}] {what}: {state}{eta}", file=sys.stderr, flush=True)
 
@@ -396,11 +396,6 @@ class VictimProgress:
         if self._started is not None:
             self.spent += self.elapsed()
             self.trained += 1
-
-
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
 
 
 def _attack_args(spec: dict) -> dict:

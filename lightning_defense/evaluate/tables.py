@@ -71,15 +71,18 @@ def markdown_table(summary: list[dict]) -> str:
     for d in defenses:
         seconds = [s["victim_seconds_mean"] for s in summary if s["defense"] == d and s.get("victim_seconds_mean")]
         if seconds:
-            times.append(f"{d} {_seconds(sum(seconds) / len(seconds))}")
+            times.append(f"{d} {duration(sum(seconds) / len(seconds))}")
     if times:
         lines.append("Wall time per victim (the defense's data preparation and the fit), mean over the trained "
                      "cells of each column: " + ", ".join(times) + ".")
     return "\n".join(lines)
 
 
-def _seconds(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A wall time for people: ``"4.2 s"``, ``"1 min 5 s"``, ``"2 h 3 min"`` (tables and the progress ETA)."""
     minutes, rest = divmod(int(round(seconds)), 60)
+    if minutes >= 60:
+        return f"{minutes // 60} h {minutes % 60} min"
     return f"{minutes} min {rest} s" if minutes else f"{seconds:.1f} s"
 
 

@@ -113,3 +113,35 @@ def test_targeted_control_takes_the_attacks_goal_and_samples(norm, eps, small_sp
     assert not torch.equal(control.craft(x, y, goal=goal, seed=6).images, noise.images)
     with pytest.raises(ValueError, match="targeted_noise_control needs goal with target_image, adversarial_label"):
         control.craft(x, y, seed=0)
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 16 / 255), ("l2", 0.5)])
+def test_backdoor_control_carries_the_attacks_trigger_goal_and_class(norm, eps, small_split):
+    """Sleeper Agent's control: target-class images with random deltas in its ball, the attack's trigger at its
+    position and its classes, so a victim trained on it is scored exactly as on the attack's poisons."""
+    from lightning_defense.attacks import AttackGoal, BackdoorNoiseControl, SleeperAgent
+    from tests.attacks.conftest import check_backdoor_poisons
+
+    x, y = small_split
+    trigger = dict(patch_size=3, trigger="checkerboard", trigger_xy="1,2")
+    control = BackdoorNoiseControl(eps=eps, norm=norm, budget=0.05, **trigger)
+    goal, noise = check_backdoor_poisons(control, x, y, eps, norm, count=10)  # bound, budget, class, seeding
+    attack = SleeperAgent(eps=eps, norm=norm, budget=0.05, steps=1, restarts=1, retrain_rounds=0, surrogate_epochs=1,
+                          backbone_kwargs={"width": 4}, progress=False, **trigger)
+    assert attack.sample_goal(x, y, num_classes=10, seed=4) == goal
+    poisons = attack.craft(x, y, goal=goal, seed=0)
+    assert torch.equal(noise.trigger, poisons.trigger)
+    assert noise.metadata["trigger_xy"] == poisons.metadata["trigger_xy"] == "1,2"
+    delta = noise.images - x[noise.indices]
+    assert not torch.equal(delta[0], delta[1]) and delta.flatten(1).std(1).min() > 0
+    assert not torch.equal(control.craft(x, y, goal=goal, seed=1).images, noise.images)
+    default = BackdoorNoiseControl(budget=0.05, patch_size=4).craft(x, y, goal=goal, seed=0)
+    assert default.metadata["trigger_xy"] == "12,12"  # the attack's default: the bottom-right corner
+    with pytest.raises(ValueError, match="backdoor_noise_control needs goal with source_class, target_class"):
+        control.craft(x, y, seed=0)
+    with pytest.raises(ValueError, match="must differ"):
+        control.craft(x, y, goal=AttackGoal(source_class=2, target_class=2), seed=0)
+    with pytest.raises(ValueError, match="trigger_xy must be 'x,y'"):
+        BackdoorNoiseControl(trigger_xy="3")
+    with pytest.raises(ValueError, match="does not fit"):
+        BackdoorNoiseControl(patch_size=20, budget=0.05).craft(x, y, goal=goal, seed=0)

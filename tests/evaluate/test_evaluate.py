@@ -559,6 +559,13 @@ def test_the_table_shows_a_standard_error_only_where_there_is_one():
     assert "mean over the trained cells of each column: none 45.0 s, eclipse 3 min 20 s." in timed
 
 
+def test_one_duration_format_for_tables_and_progress():
+    from lightning_defense.evaluate.tables import duration
+
+    assert [duration(s) for s in (4.24, 65, 3599.6, 3600, 7384)] == ["4.2 s", "1 min 5 s", "1 h 0 min", "1 h 0 min",
+                                                                       "2 h 3 min"]
+
+
 def test_victim_progress_names_each_victim_and_an_eta(capsys, monkeypatch):
     from lightning_defense.evaluate import protocol
 
@@ -573,4 +580,4 @@ def test_victim_progress_names_each_victim_and_an_eta(capsys, monkeypatch):
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "[victim 1/3] trial 1/1: clean / none: resumed from its record"
     assert lines[1] == "[victim 2/3] trial 1/1: lsp / none: training"
-    assert lines[2] == "[victim 3/3] trial 1/1: lsp / friends: training, ETA 0m10s"  # 10 s per trained victim, 1 left
+    assert lines[2] == "[victim 3/3] trial 1/1: lsp / friends: training, ETA 10.0 s"  # 10 s per trained victim, 1 left
