@@ -298,6 +298,22 @@ def test_a_backdoor_goal_fixed_in_the_config_is_used_in_every_trial(tmp_path):
     assert len(pairs) > 1
 
 
+def test_sleeper_agents_noise_control_is_scored_on_the_same_goal_and_trigger(tmp_path):
+    """Each trial's BackdoorNoiseControl draws the trial's own pair, as Sleeper Agent does with the same seed, and
+    carries its trigger; both rows are scored as backdoors (the triggered source -> target rate)."""
+    control = {"name": "sa_noise", "class_path": "lightning_defense.attacks.BackdoorNoiseControl",
+               "init_args": {"eps": 0.1, "budget": 0.01, "patch_size": 2, "progress": False}}
+    config = tiny_config(tmp_path, attacks=[SA, control], defenses=[], clean_row=False, trials=2)
+    records = Evaluation(config).run()
+    attack, noise = (stored_poisons(Path(config.output_dir) / "poisons" / row) for row in ("sa", "sa_noise"))
+    for a, n in zip(attack, noise):
+        assert (a.source_class, a.target_class) == (n.source_class, n.target_class)
+        assert torch.equal(a.trigger, n.trigger) and a.metadata["trigger_xy"] == n.metadata["trigger_xy"]
+        assert (n.labels == n.target_class).all() and len(n) == len(a)
+    assert sorted((r["attack"], r["kind"]) for r in records) == [("sa", "backdoor")] * 2 + [("sa_noise", "backdoor")] * 2
+    assert all(0 <= r["success"] <= 1 for r in records)
+
+
 @pytest.mark.parametrize("attack, goal, match", [
     (URP, {"source_class": 8, "target_class": 5}, r"attacks\[0\] \(urp\).goal fixes a backdoor's.*indiscriminate attack"),
     (SA, {"source_class": 8}, r"goal must be \{source_class: int, target_class: int\}"),
