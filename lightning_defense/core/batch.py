@@ -86,6 +86,15 @@ def unpack_batch(batch) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     )
 
 
+def value_range(images: Tensor) -> Optional[tuple[float, float]]:
+    """``(min, max)`` of ``images`` with one ``aminmax`` and one device sync; None when empty. Every pixel-range
+    check (:func:`require_pixel_range`, :meth:`~lightning_defense.core.pixels.PixelSpace.check`) measures with it."""
+    if images.numel() == 0:
+        return None
+    low, high = torch.stack(torch.aminmax(images.detach().float())).tolist()
+    return low, high
+
+
 def require_pixel_range(images: Tensor, who: str, what: str = "training batch",
                         acts_on: str = "These callbacks act on un-normalised pixels in [0, 1] (and clamp their "
                                        "perturbed images to [0, 1])") -> None:
@@ -99,9 +108,10 @@ def require_pixel_range(images: Tensor, who: str, what: str = "training batch",
     Raises:
         ValueError: naming ``who``, the observed range and what would work.
     """
-    if images.numel() == 0:
+    bounds = value_range(images)
+    if bounds is None:
         return
-    low, high = torch.stack(torch.aminmax(images.detach().float())).tolist()
+    low, high = bounds
     if low < 0.0 or high > 1.0:
         raise ValueError(
             f"{who}: got {what} with values in [{low:.4g}, {high:.4g}], outside [0, 1]. {acts_on}; give it images "

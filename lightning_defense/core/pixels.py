@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from lightning_defense.core.batch import IndexedDataset, dataset_tensors, to_float_image
+from lightning_defense.core.batch import IndexedDataset, dataset_tensors, to_float_image, value_range
 
 IMAGE_KEYS = ("image", "images", "img", "imgs", "x", "input", "inputs", "pixel_values")
 LABEL_KEYS = ("label", "labels", "target", "targets", "y", "class", "cls")
@@ -189,9 +189,10 @@ class PixelSpace:
         Raises:
             ValueError: naming ``who``, the range seen and what would work.
         """
-        if pixels.numel() == 0:
+        bounds = value_range(pixels)
+        if bounds is None:
             return
-        low, high = torch.stack(torch.aminmax(pixels.detach().float())).tolist()
+        low, high = bounds
         slack = 0.0 if self.identity else PIXEL_TOLERANCE
         if low < -slack or high > 1.0 + slack:
             if self.identity:
