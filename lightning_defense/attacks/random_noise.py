@@ -37,7 +37,7 @@ from lightning_defense.attacks.base import (
     scale_to_ball,
     target_fields,
 )
-from lightning_defense.attacks.sleeper_agent import check_trigger, placed_trigger
+from lightning_defense.attacks.sleeper_agent import backdoor_pair, check_trigger, placed_trigger
 from lightning_defense.datamodules.poison import PoisonSet
 
 
@@ -174,10 +174,7 @@ class BackdoorNoiseControl(Attack):
 
     def craft(self, images: Tensor, labels: Tensor, *, goal: Optional[AttackGoal] = None, seed: int = 0) -> PoisonSet:
         check_split(images, labels)
-        goal = require_goal(self, goal, "source_class", "target_class")
-        source_class, target_class = int(goal.source_class), int(goal.target_class)
-        if source_class == target_class:
-            raise ValueError(f"source_class and target_class must differ; got both {source_class}")
+        source_class, target_class = backdoor_pair(self, goal)
         trigger, xy = placed_trigger(images, self.patch_size, self.trigger, self.trigger_seed, self.trigger_xy)
         generator = torch.Generator().manual_seed(int(seed))
         candidates = (labels == target_class).nonzero().flatten()

@@ -59,6 +59,15 @@ def make_trigger(channels: int, patch_size: int, pattern: str = "random", seed: 
     raise ValueError(f"trigger must be one of {TRIGGERS}; got {pattern!r}")
 
 
+def backdoor_pair(attack, goal: Optional[AttackGoal]) -> tuple[int, int]:
+    """A backdoor goal's ``(source_class, target_class)``, checked to be present and distinct."""
+    goal = require_goal(attack, goal, "source_class", "target_class")
+    source_class, target_class = int(goal.source_class), int(goal.target_class)
+    if source_class == target_class:
+        raise ValueError(f"source_class and target_class must differ; got both {source_class}")
+    return source_class, target_class
+
+
 def check_trigger(patch_size: int, pattern: str, xy: Optional[str], seed: int) -> Tensor:
     """Validate a backdoor's trigger arguments early (see :class:`SleeperAgent`); returns its 1-channel pattern."""
     one_channel = make_trigger(1, patch_size, pattern, seed)
@@ -123,10 +132,7 @@ class SleeperAgent(GradientMatchingAttack):
 
     def craft(self, images: Tensor, labels: Tensor, *, goal: Optional[AttackGoal] = None, seed: int = 0) -> PoisonSet:
         check_split(images, labels)
-        goal = require_goal(self, goal, "source_class", "target_class")
-        source_class, target_class = int(goal.source_class), int(goal.target_class)
-        if source_class == target_class:
-            raise ValueError(f"source_class and target_class must differ; got both {source_class}")
+        source_class, target_class = backdoor_pair(self, goal)
         trigger, xy = placed_trigger(images, self.patch_size, self.trigger, self.trigger_seed, self.trigger_xy)
         device = self.stage_device("craft")
         generator = torch.Generator().manual_seed(int(seed))
