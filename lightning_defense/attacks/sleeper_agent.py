@@ -68,14 +68,13 @@ def backdoor_pair(attack, goal: Optional[AttackGoal]) -> tuple[int, int]:
     return source_class, target_class
 
 
-def check_trigger(patch_size: int, pattern: str, xy: Optional[str], seed: int) -> Tensor:
-    """Validate a backdoor's trigger arguments early (see :class:`SleeperAgent`); returns its 1-channel pattern."""
-    one_channel = make_trigger(1, patch_size, pattern, seed)
+def check_trigger(patch_size: int, pattern: str, xy: Optional[str], seed: int) -> None:
+    """Validate a backdoor's trigger arguments early (see :class:`SleeperAgent`), before any crafting."""
+    make_trigger(1, patch_size, pattern, seed)
     if xy is not None:
         parts = str(xy).split(",")
         if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
             raise ValueError(f"trigger_xy must be 'x,y' (column, row of the top-left corner) or None; got {xy!r}")
-    return one_channel
 
 
 def placed_trigger(images: Tensor, patch_size: int, pattern: str, seed: int, xy: Optional[str]) -> tuple[Tensor, str]:
@@ -124,7 +123,7 @@ class SleeperAgent(GradientMatchingAttack):
                  selection: str = "max_gradient", **kwargs) -> None:
         super().__init__(eps, norm, budget, steps=steps, restarts=restarts, retrain_rounds=retrain_rounds,
                          selection=selection, **kwargs)
-        self.trigger_pattern = check_trigger(patch_size, trigger, trigger_xy, trigger_seed)
+        check_trigger(patch_size, trigger, trigger_xy, trigger_seed)
         if max_source is not None and (not isinstance(max_source, int) or max_source < 1):
             raise ValueError(f"max_source must be an int >= 1 or None; got {max_source!r}")
         self.patch_size, self.trigger, self.trigger_xy, self.trigger_seed = patch_size, trigger, trigger_xy, trigger_seed
