@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 from lightning_defense.cli import certify, evaluate, poison, purify, train_denoiser
 from lightning_defense.cli.fit import DefenseCLI, build_cli
+from lightning_defense.core.collective import release_process_group
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -42,9 +43,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         COMMANDS[argv[0]](argv[1:])
-        return
-    if argv and not argv[0].startswith("-") and argv[0] not in TRAINER_COMMANDS:
+    elif argv and not argv[0].startswith("-") and argv[0] not in TRAINER_COMMANDS:
         known = ", ".join(list(TRAINER_COMMANDS) + sorted(COMMANDS))
         sys.exit(f"lightning-defense: unknown command {argv[0]!r}; choose one of: {known}")
-    build_cli(argv)
+    else:
+        build_cli(argv)
+    release_process_group()
 

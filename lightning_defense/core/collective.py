@@ -88,3 +88,11 @@ class Collective:
         with torch.no_grad():
             for name, tensor in module.state_dict().items():
                 tensor.copy_(state[name].to(tensor.device))
+
+
+def release_process_group() -> None:
+    """Destroy the default process group a DDP run leaves behind (Lightning keeps it for reuse), so each
+    process shuts its gloo/NCCL threads down before the interpreter exits instead of racing them at exit
+    (seen as "terminate called without an active exception"). A no-op without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
