@@ -6,9 +6,7 @@ the same training loader, for the same epochs. The fit is configured as a librar
 progress bar, checkpoint or validation); ``training_step`` logs the loss and updates the accuracy metric as
 always. The plain loop is ``zero_grad / forward / cross-entropy / backward / step`` and a scheduler step per
 epoch. Fits and loops alternate (ABBA), and the median of the per-pair ratios is reported, of wall-clock time and
-of this process's CPU time (which other processes on a shared machine disturb less), and the ratio of the fastest
-fit to the fastest loop: interference from other processes or the host is one-sided, so the fastest run of each is
-the least disturbed estimate of its cost.
+of this process's CPU time (which other processes on a shared machine disturb less).
 
     python benchmarks/lightning_overhead.py                   # digits 16x16, small CNN width 16, batch 64, 8 epochs
     python benchmarks/lightning_overhead.py --repeats 5 --threads 1
@@ -104,8 +102,6 @@ def main() -> None:
         print(f"Lightning overhead ({clock}): {statistics.median(ratios):.3f}x (median of {args.repeats} alternating "
               f"pairs; range {min(ratios):.3f}-{max(ratios):.3f}); "
               f"{1000 * (statistics.median(fit) - statistics.median(loop)) / steps:.2f} ms per step")
-        print(f"Lightning overhead ({clock}), fastest fit / fastest loop: {min(fit) / min(loop):.3f}x "
-              f"({min(fit):.2f} s / {min(loop):.2f} s; other processes only ever slow a run down)")
 
 
 if __name__ == "__main__":
