@@ -11,6 +11,7 @@
 
     python benchmarks/fast_recipe.py                    # the whole Fashion-MNIST fit, steps at the configs' batch sizes
     python benchmarks/fast_recipe.py --small            # 2,000 training images, 1 epoch, steps at batch 16 (CI)
+    python benchmarks/fast_recipe.py --skip-fit --device cuda --precision bf16   # models per GPU-hour (gpu.sh)
 """
 
 from __future__ import annotations
@@ -57,20 +58,24 @@ def fashion_fit(args) -> tuple[float, float, float, int]:
     L.seed_everything(config.get("seed_everything", 0), verbose=False)
     start = time.perf_counter()
     model = FastImageClassifier(**model_args(config["model"]), num_classes=10, in_chans=dm.num_channels)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, deterministic=True)
+                        num_sanity_val_steps=0, deterministic=True,
+                        precision="bf16-mixed" if args.precision == "bf16" else "32-true")
     trainer.fit(model, train_dataloaders=dm.train_dataloader())
     fit_s = time.perf_counter() - start
     result = trainer.test(model, dataloaders=dm.test_dataloader(), verbose=False)[0]
     return data_s, fit_s, float(result["test/acc"]), len(dm.train_set)
 
 
-def step_seconds(model: L.LightningModule, batch_size: int, repeats: int, total_steps: int) -> float:
-    """Median seconds of one training step of ``model`` (its own training_step and optimizers) at 32x32x3."""
+def step_seconds(model: L.LightningModule, batch_size: int, repeats: int, total_steps: int, device: torch.device,
+                 precision: str = "32") -> float:
+    """Median seconds of one training step of ``model`` (its own training_step and optimizers) at 32x32x3, on
+    ``device``, in float32 or under bfloat16 autocast."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(batch_size, 3, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (batch_size,), generator=gen)
+    x = torch.rand(batch_size, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
+    model = model.to(device)
     conf = model.configure_optimizers() if isinstance(model, FastImageClassifier) else None
     if conf is None:
         from lightning_defense.core.recipe import sgd_with_steps
@@ -82,11 +87,14 @@ def step_seconds(model: L.LightningModule, batch_size: int, repeats: int, total_
     times = []
     for i in range(repeats + 1):  # the first step warms up (and whitens)
         start = time.perf_counter()
-        loss = model.training_step((x, y), i)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model.training_step((x, y), i)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -107,15 +115,16 @@ def models_per_hour_ratio(args) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = cls(**kwargs, num_classes=10, in_chans=3)
-        per_step = step_seconds(model, measure_batch, args.repeats, steps)
+        per_step = step_seconds(model, measure_batch, args.repeats, steps, torch.device(args.device), args.precision)
         per_model = per_step * (batch / measure_batch) * steps  # per-example scaling when measured at another batch
         recipes.append((name, batch, epochs, steps, measure_batch, per_step, per_model))
         print(f"{name}: batch {batch}, {epochs} epochs, {steps} steps per model; one step at batch {measure_batch}: "
               f"{per_step:.3f} s (median of {args.repeats}); {per_model / 60:.1f} min per model, "
-              f"{3600 / per_model:.2f} models per hour on this CPU")
+              f"{3600 / per_model:.2f} models per hour on {args.device} ({args.precision})")
     ratio = recipes[0][-1] / recipes[1][-1]
     print(f"models per hour, fast recipe / ResNet-18 recipe, at 32x32x3: {ratio:.1f}x "
-          f"(from measured per-step times x steps per model, {torch.get_num_threads()} threads)")
+          f"(from measured per-step times x steps per model, {args.device}, {args.precision}"
+          f"{f', {torch.get_num_threads()} threads' if args.device == 'cpu' else ''})")
 
 
 def main() -> None:
@@ -127,7 +136,12 @@ def main() -> None:
                         help="batch size of the timed steps (default: each config's; 16 with --small)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-fit", action="store_true", help="only the per-step ratio")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the fit and the timed steps run")
+    parser.add_argument("--precision", choices=("32", "bf16"), default="32",
+                        help="float32, or bfloat16 autocast (the fit: Lightning's bf16-mixed)")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible to torch")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (2 if args.small else 3)

@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu.sh --device cpu --small   # the same stages at toy sizes (tests/test_benchmarks.py runs it)
 #
 # Stages: single-step purification in fp32 and bf16 (img/s), ECLIPSE's 100-step reverse process, FRIENDS' fit
-# overhead, certification models/hour (vmap-batched vs one at a time), Lightning's overhead against a plain loop.
+# overhead, certification models/hour (batched vs one at a time), the fast recipe's models/hour at CIFAR size
+# (fp32 and bf16; its accuracy needs CIFAR-10: benchmarks/fast_recipe.py), Lightning's overhead against a plain loop.
 set -euo pipefail
 device=cuda
 small=0
@@ -26,12 +27,14 @@ if [ "$small" = 1 ]; then
   friends="--epochs 2 --steps 1 --begin-epoch 1 --image-size 8 --width 4 --batch-size 64 --repeats 1"
   certify="--num_models 2 --models_per_batch 2 --image_size 8 --width 4 --max_epochs 1 --repeats 1"
   overhead="--epochs 1 --repeats 1"
+  fast="--step-batch 16 --repeats 1"
 else
   purify="--arch cifar --num-images 50000 --batch-size 512 --repeats 2"
   eclipse="--arch cifar --num-images 1024 --batch-size 512 --repeats 1 --timestep 100 --steps 100"
   friends="--epochs 20 --steps 20 --begin-epoch 5 --image-size 32 --width 32 --repeats 3"
   certify="--num_models 16 --models_per_batch 16 --image_size 32 --width 32 --max_epochs 2"
   overhead="--epochs 8 --repeats 5"
+  fast="--repeats 20"
 fi
 echo "# device: $device ($(date -u +%Y-%m-%d)); small: $small"
 echo "## single-step purification (Hong et al.), fp32"
@@ -44,5 +47,8 @@ echo "## FRIENDS fit overhead"
 $py benchmarks/friends_overhead.py $friends --accelerator "$accelerator"
 echo "## certification: models per hour"
 $py benchmarks/certify_throughput.py $certify --device "$device"
+echo "## the fast recipe (airbench94-style): models per hour at CIFAR size, against the ResNet-18 recipe"
+$py benchmarks/fast_recipe.py --skip-fit $fast --device "$device"
+$py benchmarks/fast_recipe.py --skip-fit $fast --device "$device" --precision bf16
 echo "## Lightning overhead"
 $py benchmarks/lightning_overhead.py $overhead --device "$device"
