@@ -1,4 +1,7 @@
+import csv
+
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger
 import pytest
 import torch
 
@@ -94,3 +97,14 @@ def test_step_loss_is_logged_where_it_is_read(quiet_trainer_kwargs, progress_bar
     assert model.logged == (list(range(1, 11)) if progress_bar else [3, 5, 6, 9, 10])
     assert trainer.callback_metrics["train/loss"] > 0  # the last batch's loss, seen by callbacks
     assert "train/acc" in trainer.callback_metrics  # logged once per epoch either way
+
+
+def test_loggers_still_get_the_step_loss_at_their_cadence(quiet_trainer_kwargs, tmp_path):
+    dm = DigitsDataModule(image_size=8, batch_size=256)
+    model = ImageClassifier("small_cnn", num_classes=10, in_chans=1, lr=0.05, backbone_kwargs={"width": 4})
+    kwargs = dict(quiet_trainer_kwargs, logger=CSVLogger(tmp_path, name="log", version=0))
+    L.Trainer(max_epochs=2, log_every_n_steps=3, **kwargs).fit(model, datamodule=dm)
+    with open(tmp_path / "log" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert steps == [2, 5, 8]  # Lightning writes step metrics at steps 3, 6, 9 (its logger steps count from 0)
