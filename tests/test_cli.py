@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from lightning_defense.cli import build_cli, main
+from lightning_defense.cli.fit import written_batch_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "digits" / "baseline.yaml"
@@ -39,6 +40,38 @@ def test_one_epoch_fit_then_test(tmp_path):
     assert list(Path(tmp_path).rglob("*.ckpt"))
 
 
+def test_batch_limits_written_as_ints_stay_ints(tmp_path):
+    """Lightning types limit_*_batches Union[float, int]: the parser alone reads 1 as 1.0, i.e. every batch."""
+    config = tmp_path / "limits.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load(CONFIG.read_text()),
+                                      "trainer": {"limit_train_batches": 1, "limit_test_batches": 1.0}}))
+    cli = build_cli(["fit", "--config", str(config), "--trainer.max_epochs=1", "--trainer.limit_val_batches=1",
+                     "--trainer.limit_predict_batches", "0.5", "--trainer.enable_progress_bar=false",
+                     "--trainer.logger=false", "--data.init_args.image_size=8", f"--trainer.default_root_dir={tmp_path}"])
+    trainer = cli.trainer
+    assert (trainer.limit_train_batches, trainer.limit_val_batches) == (1, 1)
+    assert type(trainer.limit_train_batches) is int and type(trainer.limit_val_batches) is int
+    assert trainer.num_training_batches == 1 and trainer.num_val_batches == [1]  # one batch, not all of them
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["trainer"]  # what a rerun would read
+    assert (saved["limit_train_batches"], saved["limit_val_batches"], saved["limit_test_batches"]) == (1, 1, 1.0)
+    assert type(saved["limit_val_batches"]) is int and type(saved["limit_test_batches"]) is float
+    assert type(trainer.limit_test_batches) is float and trainer.limit_predict_batches == 0.5  # written as floats
+    # the last one written wins: a command-line 1.0 after a file's 1 means every batch
+    assert written_batch_limits(["--config", str(config), "--trainer.limit_train_batches=1.0"]) == {
+        "limit_train_batches": 1.0, "limit_test_batches": 1.0}
+    assert type(written_batch_limits(["--trainer.limit_train_batches=1.0", "-c", str(config)])["limit_train_batches"]) is int
+
+
+def test_the_shell_command_line_parses_without_lightnings_args_warning():
+    """From a shell, LightningCLI reads sys.argv itself; handed the same list as args too, it warns on every run."""
+    proc = subprocess.run([sys.executable, "-m", "lightning_defense.cli", "fit", "--config", str(CONFIG),
+                           "--trainer.limit_val_batches=1", "--print_config"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "limit_val_batches: 1.0" in proc.stdout  # the printed config is the parser's, before the Trainer
+    assert "args parameter is intended" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_unknown_command_is_a_clear_error():
     with pytest.raises(SystemExit, match="unknown command 'fitt'.*fit, validate"):
         main(["fitt"])
@@ -56,6 +89,8 @@ def test_two_process_cpu_ddp_fit(tmp_path):
     assert proc.returncode == 0, output[-3000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output
     assert list(Path(tmp_path).rglob("*.ckpt"))
+    (saved,) = Path(tmp_path).rglob("config.yaml")  # written by rank 0, its int batch limit kept an int
+    assert type(yaml.safe_load(saved.read_text())["trainer"]["limit_val_batches"]) is int
 
 
 # --------------------------------------------------------------------------- a user's own classes

@@ -40,6 +40,7 @@ UPSTREAM_NOISE = (
 def main(argv: Optional[list[str]] = None) -> None:
     for message in UPSTREAM_NOISE:
         warnings.filterwarnings("ignore", message=message)
+    from_shell = argv is None  # then LightningCLI reads sys.argv itself (given both, it warns)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         COMMANDS[argv[0]](argv[1:])
@@ -47,6 +48,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         known = ", ".join(list(TRAINER_COMMANDS) + sorted(COMMANDS))
         sys.exit(f"lightning-defense: unknown command {argv[0]!r}; choose one of: {known}")
     else:
-        build_cli(argv)
+        build_cli(None if from_shell else argv)
     release_process_group()
 

@@ -18,14 +18,15 @@ import re
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import lightning as L
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lightning_defense.core.config import resolve_class
+from lightning_defense.core.store import atomic_write
 from lightning_defense.models.classifier import ImageClassifier
 
 #: The data's attribute -> the model argument it is linked into.
@@ -34,19 +35,30 @@ LINKS = (("num_classes", "num_classes"), ("num_channels", "in_chans"))
 _CLASS_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
 
 
-def model_class_path(argv: Any) -> Optional[str]:
-    """The model class that a command line names, if any (the last one wins, as for the parser): ``--model
-    my_pkg.MyModule``, ``--model.class_path my_pkg.MyModule``, ``--model`` or ``--config`` naming a YAML
-    (file or text) with a ``class_path`` under ``model``. None: the model is ImageClassifier."""
+#: Trainer arguments that Lightning types ``Union[float, int]``: the parser reads ``1`` as ``1.0``, which Lightning
+#: takes as 100% of the batches where the user asked for one batch.
+BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+
+def _options(argv: Any) -> Iterator[tuple[str, Optional[str]]]:
+    """``(option, value)`` of each ``--option value`` or ``--option=value`` of a command line, in order."""
     if not isinstance(argv, (list, tuple)):
-        return None
-    found = None
+        return
     for i, token in enumerate(argv):
         if not isinstance(token, str) or not token.startswith("-"):
             continue
         name, eq, value = token.partition("=")
         if not eq:
             value = argv[i + 1] if i + 1 < len(argv) and isinstance(argv[i + 1], str) else None
+        yield name, value
+
+
+def model_class_path(argv: Any) -> Optional[str]:
+    """The model class that a command line names, if any (the last one wins, as for the parser): ``--model
+    my_pkg.MyModule``, ``--model.class_path my_pkg.MyModule``, ``--model`` or ``--config`` naming a YAML
+    (file or text) with a ``class_path`` under ``model``. None: the model is ImageClassifier."""
+    found = None
+    for name, value in _options(argv):
         if name in ("--config", "-c"):
             config = _yaml(value)
             found = _class_path(config.get("model") if isinstance(config, dict) else None) or found
@@ -55,6 +67,21 @@ def model_class_path(argv: Any) -> Optional[str]:
         elif name == "--model.class_path" and value:
             found = value
     return found
+
+
+def written_batch_limits(argv: Any) -> dict[str, Any]:
+    """The :data:`BATCH_LIMITS` as a command line and its ``--config`` files write them (the last one wins):
+    ``1`` is an int here, where the parser gives ``1.0``."""
+    written: dict[str, Any] = {}
+    for name, value in _options(argv):
+        if name in ("--config", "-c"):
+            config = _yaml(value)
+            trainer = config.get("trainer") if isinstance(config, dict) else None
+            if isinstance(trainer, dict):
+                written.update({key: trainer[key] for key in BATCH_LIMITS if key in trainer})
+        elif name.startswith("--trainer.") and name[len("--trainer."):] in BATCH_LIMITS and value is not None:
+            written[name[len("--trainer."):]] = _yaml(value)
+    return written
 
 
 def _yaml(value: Optional[str]) -> Any:
@@ -73,7 +100,52 @@ def _class_path(value: Any) -> Optional[str]:
     return value if isinstance(value, str) and _CLASS_PATH.match(value) else None
 
 
-class DefenseCLI(LightningCLI):
+class IntBatchLimitsSaveConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` beside the run, with the batch limits written as ints saved as ints (the
+    parser's dump gives ``1.0``, which a rerun from the file would take as every batch)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        configured = self.config.get("trainer") or {}
+        limits = {name: configured.get(name) for name in BATCH_LIMITS if type(configured.get(name)) is int}
+        rewrite = self.save_to_log_dir and limits and not self.already_saved
+        log_dir = trainer.log_dir if rewrite else None  # a broadcast: every rank asks, as LightningCLI's does
+        super().setup(trainer, pl_module, stage)
+        path = Path(log_dir or ".") / self.config_filename
+        if rewrite and trainer.is_global_zero and path.is_file():  # rank 0 wrote it
+            saved = yaml.safe_load(path.read_text())
+            saved["trainer"].update(limits)
+            atomic_write(path, yaml.safe_dump(saved, sort_keys=False))
+
+
+class IntBatchLimitsCLI(LightningCLI):
+    """LightningCLI that gives the Trainer each of :data:`BATCH_LIMITS` written as an int as that int.
+
+    Lightning types them ``Union[float, int]``, so the parser alone turns ``--trainer.limit_val_batches=1`` (or
+    ``limit_val_batches: 1`` in a config) into ``1.0``: every batch, where one was asked for.
+    """
+
+    int_batch_limits: dict[str, int] = {}
+
+    def __init__(self, *args: Any, save_config_callback: Optional[type] = IntBatchLimitsSaveConfig,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        """LightningCLI's parse; notes each of :data:`BATCH_LIMITS` that was written as an int."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        trainer = (self.config[subcommand] if subcommand else self.config).get("trainer") or {}
+        self.int_batch_limits = {name: value for name, value in written_batch_limits(
+            sys.argv[1:] if args is None else args).items() if type(value) is int and trainer.get(name) == value}
+        for name, value in self.int_batch_limits.items():
+            trainer[name] = value  # so the config saved beside the run says 1, not 1.0
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """LightningCLI's Trainer, given the int batch limits as ints: ``1`` is one batch, not 1.0 (all of them)."""
+        return super().instantiate_trainer(**{**self.int_batch_limits, **kwargs})
+
+
+class DefenseCLI(IntBatchLimitsCLI):
     """LightningCLI with the data's ``num_classes`` / ``num_channels`` linked into the model.
 
     With ``test_after_fit: true`` the ``fit`` command ends by testing the fitted model.

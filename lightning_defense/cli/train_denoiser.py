@@ -13,9 +13,9 @@ def run_train_denoiser(argv: list[str]) -> None:
     The config has ``model`` (DiffusionModel arguments), ``data`` (a datamodule; only its training split
     is used), ``trainer`` and ``output_dir``.
     """
-    from lightning.pytorch.cli import LightningCLI
+    from lightning_defense.cli.fit import IntBatchLimitsCLI
 
-    class DenoiserCLI(LightningCLI):
+    class DenoiserCLI(IntBatchLimitsCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument("--output_dir", type=str, required=True, help="where the diffusers model goes")
 

@@ -81,13 +81,16 @@ def test_train_denoiser_command_writes_a_model_that_loads_like_an_off_the_shelf_
     out = tmp_path / "ddpm"
     main([
         "train-denoiser", "--config", str(Path(__file__).resolve().parents[2] / "configs/digits/train_denoiser.yaml"),
-        f"--output_dir={out}", "--trainer.max_steps=3", "--trainer.enable_progress_bar=false",
+        f"--output_dir={out}", "--trainer.max_epochs=2", "--trainer.limit_train_batches=1",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=true",
         f"--trainer.default_root_dir={tmp_path}", "--model.sample_size=8", "--model.block_out_channels=[16, 32]",
         "--model.num_train_timesteps=100", "--model.beta_schedule=squaredcos_cap_v2", "--model.learn_variance=true",
         "--data.init_args.image_size=8", "--data.init_args.batch_size=16",
     ])
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(out.rglob("*.bin"))
+    # limit_train_batches=1 is one batch an epoch (the parser alone makes it 1.0: all 79 of them)
+    assert [p.name for p in tmp_path.rglob("*.ckpt")] == ["epoch=1-step=2.ckpt"]
     denoiser = load_denoiser(str(out))
     assert denoiser.variance_type == "learned_range" and denoiser.unet.config.out_channels == 2
     assert denoiser.scheduler.config.beta_schedule == "squaredcos_cap_v2"
