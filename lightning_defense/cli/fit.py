@@ -84,6 +84,12 @@ def written_batch_limits(argv: Any) -> dict[str, Any]:
     return written
 
 
+def int_batch_limits(config: Any) -> dict[str, int]:
+    """The :data:`BATCH_LIMITS` of a parsed config (its ``trainer`` section) that are ints."""
+    trainer = config.get("trainer") or {}
+    return {name: trainer.get(name) for name in BATCH_LIMITS if type(trainer.get(name)) is int}
+
+
 def _yaml(value: Optional[str]) -> Any:
     if value is None:
         return None
@@ -105,8 +111,7 @@ class IntBatchLimitsSaveConfig(SaveConfigCallback):
     parser's dump gives ``1.0``, which a rerun from the file would take as every batch)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        configured = self.config.get("trainer") or {}
-        limits = {name: configured.get(name) for name in BATCH_LIMITS if type(configured.get(name)) is int}
+        limits = int_batch_limits(self.config)
         rewrite = self.save_to_log_dir and limits and not self.already_saved
         log_dir = trainer.log_dir if rewrite else None  # a broadcast: every rank asks, as LightningCLI's does
         super().setup(trainer, pl_module, stage)
@@ -124,8 +129,6 @@ class IntBatchLimitsCLI(LightningCLI):
     ``limit_val_batches: 1`` in a config) into ``1.0``: every batch, where one was asked for.
     """
 
-    int_batch_limits: dict[str, int] = {}
-
     def __init__(self, *args: Any, save_config_callback: Optional[type] = IntBatchLimitsSaveConfig,
                  **kwargs: Any) -> None:
         super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
@@ -135,14 +138,14 @@ class IntBatchLimitsCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         trainer = (self.config[subcommand] if subcommand else self.config).get("trainer") or {}
-        self.int_batch_limits = {name: value for name, value in written_batch_limits(
-            sys.argv[1:] if args is None else args).items() if type(value) is int and trainer.get(name) == value}
-        for name, value in self.int_batch_limits.items():
-            trainer[name] = value  # so the config saved beside the run says 1, not 1.0
+        for name, value in written_batch_limits(sys.argv[1:] if args is None else args).items():
+            if type(value) is int and trainer.get(name) == value:
+                trainer[name] = value  # instantiating the classes normalises it to 1.0 again: see below
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """LightningCLI's Trainer, given the int batch limits as ints: ``1`` is one batch, not 1.0 (all of them)."""
-        return super().instantiate_trainer(**{**self.int_batch_limits, **kwargs})
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        return super().instantiate_trainer(**{**int_batch_limits(config), **kwargs})
 
 
 class DefenseCLI(IntBatchLimitsCLI):
