@@ -134,7 +134,7 @@ class IntBatchLimitsCLI(LightningCLI):
         super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
 
     def parse_arguments(self, parser, args) -> None:
-        """LightningCLI's parse; notes each of :data:`BATCH_LIMITS` that was written as an int."""
+        """LightningCLI's parse, with each of :data:`BATCH_LIMITS` that was written as an int put back as that int."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         trainer = (self.config[subcommand] if subcommand else self.config).get("trainer") or {}
