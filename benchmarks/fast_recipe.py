@@ -58,7 +58,8 @@ def fashion_fit(args) -> tuple[float, float, float, int]:
     L.seed_everything(config.get("seed_everything", 0), verbose=False)
     start = time.perf_counter()
     model = FastImageClassifier(**model_args(config["model"]), num_classes=10, in_chans=dm.num_channels)
-    trainer = L.Trainer(accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1, max_epochs=epochs,
+                        logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, deterministic=True,
                         precision="bf16-mixed" if args.precision == "bf16" else "32-true")

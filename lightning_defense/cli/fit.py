@@ -79,8 +79,8 @@ def written_batch_limits(argv: Any) -> dict[str, Any]:
             trainer = config.get("trainer") if isinstance(config, dict) else None
             if isinstance(trainer, dict):
                 written.update({key: trainer[key] for key in BATCH_LIMITS if key in trainer})
-        elif name.startswith("--trainer.") and name[len("--trainer."):] in BATCH_LIMITS and value is not None:
-            written[name[len("--trainer."):]] = _yaml(value)
+        elif name.removeprefix("--trainer.") in BATCH_LIMITS and value is not None:
+            written[name.removeprefix("--trainer.")] = _yaml(value)
     return written
 
 
