@@ -18,6 +18,7 @@ import time
 import torch
 
 from lightning_defense.certify import build_model, train_and_vote
+from lightning_defense.core.host_memory import reuse_freed_memory
 from lightning_defense.datamodules import DigitsDataModule, GaussianNoiseDataModule
 
 
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    reuse_freed_memory()  # as the command line does
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from lightning_defense.core.host_memory import reuse_freed_memory
 from lightning_defense.core.rng import per_sample_normal
 from lightning_defense.datamodules import DigitsDataModule, FashionMNISTDataModule
 from lightning_defense.diffusion import load_denoiser, noise_and_denoise, timestep_for_sigma
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    reuse_freed_memory()  # as the command line does
     data = (FashionMNISTDataModule(image_size=args.image_size) if args.data == "fashion_mnist"
             else DigitsDataModule(image_size=args.image_size))
     data.setup("test")

@@ -26,6 +26,7 @@ import lightning as L
 import torch
 import yaml
 
+from lightning_defense.core.host_memory import reuse_freed_memory
 from lightning_defense.datamodules import FashionMNISTDataModule
 from lightning_defense.models import FastImageClassifier, ImageClassifier
 
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=("32", "bf16"), default="32",
                         help="float32, or bfloat16 autocast (the fit: Lightning's bf16-mixed)")
     args = parser.parse_args()
+    reuse_freed_memory()  # as the command line does
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is visible to torch")
     if args.threads:

@@ -23,6 +23,7 @@ import torch
 
 from lightning_defense.attacks import BullseyePolytope, FeatureCollisionNoiseControl, PoisonFrogs
 from lightning_defense.attacks.feature_collision import extract_features, fit_linear_head, load_extractor
+from lightning_defense.core.host_memory import reuse_freed_memory
 from lightning_defense.datamodules import FashionMNISTDataModule
 
 EXTRACTOR = Path(__file__).resolve().parents[1] / "lightning_defense/assets/fashion_mnist_extractor_14x14.safetensors"
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST idx files (default: the Debian package's)")
     args = parser.parse_args()
+    reuse_freed_memory()  # as the command line does
     if args.threads:
         torch.set_num_threads(args.threads)
     data = FashionMNISTDataModule(**({"data_dir": args.data_dir} if args.data_dir else {}), image_size=14, seed=0,

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 
 from lightning_defense.callbacks import FriendsNoise
+from lightning_defense.core.host_memory import reuse_freed_memory
 from lightning_defense.datamodules import DigitsDataModule
 from lightning_defense.models import ImageClassifier
 
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="alternating pairs of fits; the median ratio is reported")
     args = parser.parse_args()
+    reuse_freed_memory()  # as the command line does
     torch.set_float32_matmul_precision("high")
 
     print(f"digits {args.image_size}x{args.image_size}, small_cnn width {args.width}, {args.epochs} epochs, "

@@ -8,6 +8,10 @@ always. The plain loop is ``zero_grad / forward / cross-entropy / backward / ste
 epoch. Fits and loops alternate (ABBA), and the median of the per-pair ratios is reported, of wall-clock time and
 of this process's CPU time (which other processes on a shared machine disturb less).
 
+A shared machine's speed can drift by 2x between runs of a few seconds, more than the overhead measured. So each
+fit also runs a plain-loop step after each of its own steps (``StepPairs``), and the ratio of these interleaved
+steps is reported too: Lightning's per-step cost, without the fit's one-off setup and teardown, reported apart.
+
     python benchmarks/lightning_overhead.py                   # digits 16x16, small CNN width 16, batch 64, 8 epochs
     python benchmarks/lightning_overhead.py --repeats 5 --threads 1
 """
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_defense.core.batch import unpack_batch
+from lightning_defense.core.host_memory import reuse_freed_memory
 from lightning_defense.core.recipe import sgd_with_steps
 from lightning_defense.datamodules import DigitsDataModule
 from lightning_defense.models import ImageClassifier
@@ -37,37 +42,88 @@ def build(args):
     return dm, model
 
 
-def lightning_fit(args) -> float:
+class PlainLoop:
+    """``zero_grad / forward / cross-entropy / backward / step`` on its own copy of the model and its own loader."""
+
+    def __init__(self, args) -> None:
+        dm, self.model = build(args)
+        self.device = torch.device(args.device)
+        self.model = self.model.to(self.device)
+        self.loader = dm.train_dataloader()
+        self.optimizer, self.scheduler = sgd_with_steps(self.model.parameters(), args.epochs, **self.model.recipe())
+        self.model._augment_seed = 0
+        self.model.train()
+        self.batches, self.epochs_done = None, 0
+
+    def train_step(self, batch_idx: int, batch) -> None:
+        x, y, _ = unpack_batch(batch)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x = self.model.augment(x, batch_idx)
+        loss = F.cross_entropy(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def epoch(self, epoch: int) -> None:
+        self.loader.sampler.set_epoch(epoch)
+        for batch_idx, batch in enumerate(self.loader):
+            self.train_step(batch_idx, batch)
+        self.scheduler.step()
+
+    def step(self) -> float:
+        """Train on the next batch (starting the next epoch where one ends); its wall-clock seconds."""
+        start = time.perf_counter()
+        item = next(self.batches, None) if self.batches is not None else None
+        if item is None:
+            if self.batches is not None:
+                self.scheduler.step()
+                self.epochs_done += 1
+            self.loader.sampler.set_epoch(self.epochs_done)
+            self.batches = enumerate(self.loader)
+            item = next(self.batches)
+        self.train_step(*item)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+class StepPairs(L.Callback):
+    """Runs a plain-loop step after each fit step: a fit step is the time between two plain-loop steps.
+
+    Each pair is milliseconds apart, so a shared machine's drift, which can reach 2x between runs of a few
+    seconds, falls on both alike. Lightning's per-step work (hooks, fetcher, closure, logging) lies between two
+    ``on_train_batch_end`` calls, so it is all in the fit's steps; the fit's setup and teardown are outside them.
+    """
+
+    def __init__(self, loop: PlainLoop) -> None:
+        self.loop, self.pairs, self.resumed = loop, [], None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()  # the fit step's kernels belong to its time, not to the plain-loop step's
+        fit_step = time.perf_counter() - self.resumed if self.resumed is not None else None
+        loop_step = self.loop.step()
+        if fit_step is not None:
+            self.pairs.append((fit_step, loop_step))
+        self.resumed = time.perf_counter()
+
+
+def lightning_fit(args, pairs: StepPairs | None = None) -> tuple[float, float]:
     dm, model = build(args)
     trainer = L.Trainer(accelerator=args.device, devices=1, max_epochs=args.epochs, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0)
+                        num_sanity_val_steps=0, callbacks=[pairs] if pairs else None)
     start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(model, datamodule=dm)
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def plain_loop(args) -> float:
-    dm, model = build(args)
-    device = torch.device(args.device)
-    model = model.to(device)
+def plain_loop(args) -> tuple[float, float]:
+    loop = PlainLoop(args)
     start, cpu = time.perf_counter(), time.process_time()
-    loader = dm.train_dataloader()
-    optimizer, scheduler = sgd_with_steps(model.parameters(), args.epochs, **model.recipe())
-    model._augment_seed = 0
-    model.train()
     for epoch in range(args.epochs):
-        loader.sampler.set_epoch(epoch)
-        for batch_idx, batch in enumerate(loader):
-            x, y, _ = unpack_batch(batch)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = model.augment(x, batch_idx)
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-    if device.type == "cuda":
+        loop.epoch(epoch)
+    if loop.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, time.process_time() - cpu
 
@@ -80,8 +136,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the Trainer's accelerator)")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="leave glibc's allocator as it is (the library's entry points call reuse_freed_memory)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if not args.glibc_default:
+        reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     lightning_fit(args), plain_loop(args)  # warm-up: imports, allocator, dataset
@@ -102,7 +162,17 @@ def main() -> None:
         print(f"Lightning overhead ({clock}): {statistics.median(ratios):.3f}x (median of {args.repeats} alternating "
               f"pairs; range {min(ratios):.3f}-{max(ratios):.3f}); "
               f"{1000 * (statistics.median(fit) - statistics.median(loop)) / steps:.2f} ms per step")
-
+    pairs, outside = [], []
+    for _ in range(args.repeats):
+        clock = StepPairs(PlainLoop(args))
+        outside.append(lightning_fit(args, clock)[0] - sum(fit + loop for fit, loop in clock.pairs))
+        pairs += clock.pairs
+    ratios = [fit / loop for fit, loop in pairs]
+    fit, loop = sum(f for f, _ in pairs), sum(p for _, p in pairs)
+    print(f"Lightning overhead (interleaved steps, each fit step next to a plain-loop step): {fit / loop:.3f}x in total "
+          f"({len(pairs)} pairs: {1000 * fit / len(pairs):.2f} vs {1000 * loop / len(pairs):.2f} ms a step); "
+          f"median of the pair ratios {statistics.median(ratios):.3f}x; a fit's time outside these steps (setup, "
+          f"first step, teardown): {statistics.median(outside):.2f} s")
 
 if __name__ == "__main__":
     main()

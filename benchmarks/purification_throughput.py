@@ -16,6 +16,7 @@ import time
 import torch
 
 from lightning_defense.core.device import autocast
+from lightning_defense.core.host_memory import reuse_freed_memory
 from lightning_defense.datamodules import DigitsDataModule, ImageDataModule, IndexedDataset
 from lightning_defense.datamodules.diffusion_purified import DiffusionPurifiedDataModule
 from lightning_defense.diffusion import Denoiser, load_denoiser
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--timestep", type=int, default=None, help="start at this timestep instead of sigma's")
     parser.add_argument("--precision", choices=["32", "bf16"], default="32", help="bf16: autocast on a GPU")
     args = parser.parse_args()
+    reuse_freed_memory()  # as the command line does
 
     denoiser = cifar_sized_denoiser() if args.arch == "cifar" else load_denoiser(args.denoiser)
     size, channels = denoiser.sample_size, denoiser.in_channels

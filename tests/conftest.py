@@ -2,7 +2,10 @@ import os
 
 import pytest
 
+from lightning_defense.core.host_memory import reuse_freed_memory
+
 os.environ.setdefault("PYTHONHASHSEED", "0")
+reuse_freed_memory()  # as the command line does: CPU steps reuse their freed tensors
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 from lightning_defense.cli import certify, evaluate, poison, purify, train_denoiser
 from lightning_defense.cli.fit import DefenseCLI, build_cli
 from lightning_defense.core.collective import release_process_group
+from lightning_defense.core.host_memory import reuse_freed_memory
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -38,6 +39,7 @@ UPSTREAM_NOISE = (
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    reuse_freed_memory()  # CPU steps reuse their freed tensors (core.host_memory)
     for message in UPSTREAM_NOISE:
         warnings.filterwarnings("ignore", message=message)
     from_shell = argv is None  # then LightningCLI reads sys.argv itself (given both, it warns)

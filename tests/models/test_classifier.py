@@ -1,4 +1,8 @@
 import csv
+import os
+from pathlib import Path
+import subprocess
+import sys
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
@@ -7,6 +11,8 @@ import torch
 
 from lightning_defense.datamodules import DigitsDataModule
 from lightning_defense.models import CifarResNet18, ImageClassifier, SmallCNN, build_backbone, paper_milestones, random_crop_flip
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_random_crop_flip_moves_pixels_within_padding():
@@ -108,3 +114,21 @@ def test_loggers_still_get_the_step_loss_at_their_cadence(quiet_trainer_kwargs, 
         rows = list(csv.DictReader(f))
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert steps == [2, 5, 8]  # Lightning writes step metrics at steps 3, 6, 9 (its logger steps count from 0)
+
+
+def test_train_accuracy_counts_every_ranks_samples(tmp_path):
+    # The weights stay put (lr 1e-12), so the epoch's training accuracy is the model's accuracy on the training split:
+    # on one process, and on two DDP processes whose halves of the split sync to the same figure
+    from tests.models.ddp_train_acc_script import fit
+
+    trainer, model, dm = fit(1, tmp_path)
+    x, y = dm.train_tensors()
+    with torch.no_grad():
+        expected = (model(x).argmax(1) == y).float().mean().item()
+    assert 0.02 < expected < 0.5  # an untrained model: neither all wrong nor all right, so a miscount shows
+    assert trainer.callback_metrics["train/acc"].item() == pytest.approx(expected, abs=1e-6)
+    script = Path(__file__).with_name("ddp_train_acc_script.py")
+    proc = subprocess.run([sys.executable, str(script), "2", str(tmp_path / "acc.txt")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float((tmp_path / "acc.txt").read_text()) == pytest.approx(expected, abs=1e-6)
