@@ -49,3 +49,14 @@ def test_feature_collision_search_runs_small():
     assert "fine-tuning set: 500 images; clean logistic head:" in out
     for name in ("bullseye_polytope", "poison_frogs", "feature_collision_noise_control"):
         assert f"| 32/255 | 0.02 (10) | 5 | {name} | " in out, out[-3000:]
+
+
+def test_host_memory_benchmark_runs_small():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_memory.py"), "--epochs", "1", "--limit-batches",
+                           "3", "--repeats", "1", "--width", "4", "--image-size", "8", "--threads", "1"], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for line in ("glibc default: fit", "glibc tuned: fit", "minor page faults a step (3 steps)",
+                 "fit time, glibc default / freed memory reused:"):
+        assert line in out, (line, out[-3000:])

@@ -9,12 +9,14 @@
 * :mod:`~lightning_defense.core.config`: config class paths, resolved and type-checked before any call.
 * :mod:`~lightning_defense.core.pixels`: a user's batches and datasets seen as [0, 1] pixels, and back.
 * :mod:`~lightning_defense.core.seam`: the one place where the training loader is replaced during a fit.
+* :mod:`~lightning_defense.core.host_memory`: glibc's allocator kept from faulting a CPU step's tensors in again.
 """
 
 from lightning_defense.core.batch import IndexedDataset, dataset_tensors, to_float_image, unpack_batch
 from lightning_defense.core.collective import Collective
 from lightning_defense.core.config import instantiate, resolve_class
 from lightning_defense.core.device import autocast, record_devices, resolve_device
+from lightning_defense.core.host_memory import reuse_freed_memory
 from lightning_defense.core.pixels import Layout, PixelSpace, PixelView
 from lightning_defense.core.recipe import paper_milestones, sgd_with_steps
 from lightning_defense.core.rng import generator, per_sample_normal, per_sample_uniform, seed_for
@@ -53,6 +55,7 @@ __all__ = [
     "record_devices",
     "resolve_class",
     "resolve_device",
+    "reuse_freed_memory",
     "seed_for",
     "sgd_with_steps",
     "to_float_image",
