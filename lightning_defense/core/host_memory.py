@@ -23,8 +23,9 @@ import platform
 
 #: ``mallopt`` parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-#: Blocks above this still come from ``mmap`` and go back to the OS when freed; the top of the heap is kept up to it.
-THRESHOLD = 1 << 30
+#: Blocks above this (a dataset held in memory, say) still come from ``mmap`` and go back to the OS when freed; at
+#: most this much free memory is kept at the top of the heap. A CPU step's activations are far smaller.
+THRESHOLD = 256 << 20
 #: glibc's own settings of the same thresholds: where a user set one, their choice stands.
 GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
