@@ -7,6 +7,7 @@ alternate ``--repeats`` times; it prints the median time of each, the median of 
 their range, and how often the groups' votes equal the one-at-a-time votes.
 
     python benchmarks/certify_throughput.py --num_models 16 --models_per_batch 16 --image_size 8 --width 8 --max_epochs 2
+    python benchmarks/certify_throughput.py --backbone airbench ...   # airbench94's network, widths (w, 2w, 2w)
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def main() -> None:
     parser.add_argument("--num_models", type=int, default=16)
     parser.add_argument("--models_per_batch", type=int, default=16)
     parser.add_argument("--image_size", type=int, default=8)
-    parser.add_argument("--width", type=int, default=8, help="SmallCNN width")
+    parser.add_argument("--backbone", choices=("small_cnn", "airbench"), default="small_cnn")
+    parser.add_argument("--width", type=int, default=8, help="SmallCNN width; airbench's widths are (w, 2w, 2w)")
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (airbench's scaled head learns at about 2)")
     parser.add_argument("--max_epochs", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -42,8 +45,8 @@ def main() -> None:
     dm = DigitsDataModule(image_size=args.image_size, batch_size=args.batch_size)
     dm.setup("fit")
     test_images, labels = dm.test_set.tensors()
-    model_args = {"backbone": "small_cnn", "backbone_kwargs": {"width": args.width}, "lr": 0.05,
-                  "crop_padding": 1, "flip": False}
+    widths = {"width": args.width} if args.backbone == "small_cnn" else {"widths": [args.width, 2 * args.width, 2 * args.width]}
+    model_args = {"backbone": args.backbone, "backbone_kwargs": widths, "lr": args.lr, "crop_padding": 1, "flip": False}
     indices = list(range(args.num_models))
     data = {}
     for i in indices:  # smoothing is not timed: every way uses the same noised sets
@@ -82,7 +85,7 @@ def main() -> None:
             seconds[name].append(time.perf_counter() - start)
     per_hour = lambda s: 3600.0 * len(indices) / s  # noqa: E731
     print(f"device {device}, torch threads {torch.get_num_threads()}, {len(indices)} models in groups of "
-          f"{args.models_per_batch}, SmallCNN width {args.width}, {args.image_size}x{args.image_size}, "
+          f"{args.models_per_batch}, {args.backbone} {widths}, {args.image_size}x{args.image_size}, "
           f"{args.max_epochs} epoch(s) of {len(data[0][0])} images, batch {args.batch_size}, {args.repeats} repeats")
     single = seconds["one at a time"]
     for name, times in seconds.items():

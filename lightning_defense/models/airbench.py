@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["AirbenchNet", "image_patches", "whitening_filters"]
+__all__ = ["AirbenchNet", "ConvGroup", "image_patches", "whitening_filters"]
 
 
 def image_patches(images: Tensor, kernel: int) -> Tensor:
@@ -47,7 +47,9 @@ class _BatchNorm(nn.BatchNorm2d):
         self.weight.requires_grad_(False)
 
 
-class _ConvGroup(nn.Module):
+class ConvGroup(nn.Module):
+    """Conv, max-pool, BatchNorm, GELU, conv, BatchNorm, GELU: every step after a convolution acts per channel."""
+
     def __init__(self, cin: int, cout: int, bn_momentum: float) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
@@ -112,7 +114,7 @@ class AirbenchNet(nn.Module):
             self.stem.bias.zero_()
         self.register_buffer("whitened", torch.tensor(False))
         cins = (stem_width,) + widths[:-1]
-        self.groups = nn.Sequential(*(_ConvGroup(cin, cout, bn_momentum) for cin, cout in zip(cins, widths)))
+        self.groups = nn.Sequential(*(ConvGroup(cin, cout, bn_momentum) for cin, cout in zip(cins, widths)))
         self.num_features = widths[-1]
         self.fc = nn.Linear(widths[-1], num_classes, bias=False)
         self.scale = float(scale)

@@ -22,12 +22,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lightning_defense.models.airbench import AirbenchNet, ConvGroup
 from lightning_defense.models.backbones import BasicBlock, CifarResNet18, SmallCNN
 
 __all__ = ["GROUPABLE", "GroupedLinear", "can_stack", "stack_layers"]
 
 #: Backbones whose forward passes only act per channel between their convolutions, norms and linear layers.
-GROUPABLE = (SmallCNN, CifarResNet18)
+GROUPABLE = (SmallCNN, CifarResNet18, AirbenchNet)
 _PER_CHANNEL = (nn.ReLU, nn.GELU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity,
                 nn.Sequential)
 
@@ -41,6 +42,9 @@ class GroupedLinear(nn.Module):
         self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]).clone())  # (G, out, in)
         self.bias = (nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]).clone())
                      if layers[0].bias is not None else None)
+        for name in ("weight", "bias"):
+            if getattr(self, name) is not None:
+                getattr(self, name).requires_grad_(getattr(layers[0], name).requires_grad)
 
     def forward(self, x: Tensor) -> Tensor:
         b = x.shape[0]
@@ -75,6 +79,7 @@ def _stacked(layers: Sequence[nn.Module]) -> nn.Module:
         for name in ("weight", "bias"):
             if getattr(first, name, None) is not None:
                 getattr(new, name).copy_(_cat(layers, name))
+                getattr(new, name).requires_grad_(getattr(first, name).requires_grad)  # a fixed one stays fixed
     return new
 
 
@@ -82,7 +87,7 @@ def can_stack(backbone: nn.Module) -> bool:
     """Whether :func:`stack_layers` can stack copies of ``backbone``."""
     if not isinstance(backbone, GROUPABLE):
         return False
-    stackable = (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm, nn.Linear, BasicBlock, *_PER_CHANNEL, *GROUPABLE)
+    stackable = (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm, nn.Linear, BasicBlock, ConvGroup, *_PER_CHANNEL, *GROUPABLE)
     return all(isinstance(m, stackable) for m in backbone.modules())
 
 

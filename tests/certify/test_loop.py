@@ -119,6 +119,25 @@ def test_a_group_trains_the_same_models_as_one_at_a_time(test_sigma, stacking):
     assert not torch.equal(alone[0], alone[1])  # different draws and seeds give different models
 
 
+def test_a_group_of_airbench_models_trains_stacked_as_one_at_a_time():
+    """The fast recipe's network (airbench94's) stacks too: its fixed whitening stem and BatchNorm scales stay fixed."""
+    from lightning_defense.models.grouped import can_stack
+
+    dm = DigitsDataModule(image_size=8, batch_size=32)
+    dm.setup("fit")
+    test_images = dm.test_set.tensors()[0][:50]
+    data = noised_training_sets(dm, (0, 1))
+    model = dict(MODEL, backbone="airbench", backbone_kwargs={"widths": [8, 16, 16]}, lr=2.0)  # its head is scaled by 1/9
+    assert can_stack(build_model(model, 10, 1, 3, 0).backbone)  # stacking="auto" stacks its layers
+    kwargs = dict(seed=3, max_epochs=1, batch_size=32, limit_train_batches=4, device=torch.device("cpu"))
+    together = train_and_vote([build_model(model, 10, 1, 3, i) for i in (0, 1)], [0, 1], data, test_images,
+                              together=True, stacking="layers", **kwargs)
+    alone = torch.cat([train_and_vote([build_model(model, 10, 1, 3, i)], [i], [data[i]], test_images,
+                                      together=False, **kwargs) for i in (0, 1)])
+    assert (together == alone).float().mean() >= 0.98  # float sums in another order may flip a close vote
+    assert not torch.equal(alone[0], alone[1]) and len(alone.unique()) >= 4  # models that learned, not one class
+
+
 def test_rab_test_noise_is_each_models_own_draw_keyed_by_test_index():
     """RAB: model i votes on x_t + sigma * N(0, I), the draw keyed by (seed, i, TEST_NOISE) and test index t."""
     dm = DigitsDataModule(image_size=8, batch_size=32)

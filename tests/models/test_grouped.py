@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_defense.models.airbench import AirbenchNet
 from lightning_defense.models.backbones import CifarResNet18, SmallCNN
 from lightning_defense.models.grouped import can_stack, stack_layers
 
@@ -18,7 +19,8 @@ def stacked_call(network, xs):
     (lambda: SmallCNN(10, 1, width=4), (1, 8, 8)),
     (lambda: SmallCNN(10, 3, width=4, norm="group"), (3, 8, 8)),
     (lambda: CifarResNet18(10, 3), (3, 8, 8)),
-], ids=["small-cnn-batchnorm", "small-cnn-groupnorm", "resnet18"])
+    (lambda: AirbenchNet(10, 3, widths=(8, 16, 16)), (3, 8, 8)),
+], ids=["small-cnn-batchnorm", "small-cnn-groupnorm", "resnet18", "airbench"])
 def test_stacked_network_computes_each_models_outputs_gradients_and_statistics(build, shape):
     torch.manual_seed(0)
     models = [build().train() for _ in range(3)]
@@ -33,7 +35,10 @@ def test_stacked_network_computes_each_models_outputs_gradients_and_statistics(b
     F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="none").view(3, -1).mean(1).sum().backward()
     # the same forward pass (the running statistics move once); model g's loss reaches only model g
     sum(F.cross_entropy(logit, y) for logit, y in zip(alone, ys)).backward()
-    first_conv = next(n for n, p in network.named_parameters() if p.dim() == 4)
+    # a weight its model keeps fixed (airbench's whitening stem, its BatchNorm scales) stays fixed when stacked
+    for name, p in network.named_parameters():
+        assert p.requires_grad == dict(models[0].named_parameters())[name].requires_grad, name
+    first_conv = next(n for n, p in network.named_parameters() if p.dim() == 4 and p.requires_grad)
     grad = dict(network.named_parameters())[first_conv].grad
     scale = lambda t: 1e-3 * t.abs().max().item()  # noqa: E731  (float sums in another order: ResNet-18 is deep)
     own = torch.cat([dict(m.named_parameters())[first_conv].grad for m in models])
