@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu.sh --device cpu --small   # the same stages at toy sizes (tests/test_benchmarks.py runs it)
 #
 # Stages: single-step purification in fp32 and bf16 (img/s), ECLIPSE's 100-step reverse process, FRIENDS' fit
-# overhead, certification models/hour (batched vs one at a time), the fast recipe's models/hour at CIFAR size
+# overhead, certification models/hour (batched vs one at a time; small CNN and airbench), the fast recipe's models/hour at CIFAR size
 # (fp32 and bf16; its accuracy needs CIFAR-10: benchmarks/fast_recipe.py), Lightning's overhead against a plain loop.
 set -euo pipefail
 device=cuda
@@ -47,6 +47,8 @@ echo "## FRIENDS fit overhead"
 $py benchmarks/friends_overhead.py $friends --accelerator "$accelerator"
 echo "## certification: models per hour"
 $py benchmarks/certify_throughput.py $certify --device "$device"
+echo "## certification: models per hour, airbench94's network (widths w, 2w, 2w)"
+$py benchmarks/certify_throughput.py $certify --device "$device" --backbone airbench --lr 2
 echo "## the fast recipe (airbench94-style): models per hour at CIFAR size, against the ResNet-18 recipe"
 $py benchmarks/fast_recipe.py --skip-fit $fast --device "$device"
 $py benchmarks/fast_recipe.py --skip-fit $fast --device "$device" --precision bf16
