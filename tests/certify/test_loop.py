@@ -101,19 +101,25 @@ def noised_training_sets(dm, draws, sigma=0.25):
     return data
 
 
-@pytest.mark.parametrize("stacking", ["layers", "vmap"])
-@pytest.mark.parametrize("test_sigma", [None, 0.25], ids=["clean-test-inputs", "rab-test-noise"])
-def test_a_group_trains_the_same_models_as_one_at_a_time(test_sigma, stacking):
+def group_and_alone(model, stacking, test_sigma=None):
+    """The votes on 50 digits of models 0 and 1 trained as one group, and trained one at a time."""
     dm = DigitsDataModule(image_size=8, batch_size=32)
     dm.setup("fit")
     test_images = dm.test_set.tensors()[0][:50]
     data = noised_training_sets(dm, (0, 1))
     kwargs = dict(seed=3, max_epochs=1, batch_size=32, limit_train_batches=4, device=torch.device("cpu"),
                   test_sigma=test_sigma, test_keys=None if test_sigma is None else np.arange(50))
-    together = train_and_vote([build_model(MODEL, 10, 1, 3, i) for i in (0, 1)], [0, 1], data, test_images,
+    together = train_and_vote([build_model(model, 10, 1, 3, i) for i in (0, 1)], [0, 1], data, test_images,
                               together=True, stacking=stacking, **kwargs)
-    alone = torch.cat([train_and_vote([build_model(MODEL, 10, 1, 3, i)], [i], [data[i]], test_images,
+    alone = torch.cat([train_and_vote([build_model(model, 10, 1, 3, i)], [i], [data[i]], test_images,
                                       together=False, **kwargs) for i in (0, 1)])
+    return together, alone
+
+
+@pytest.mark.parametrize("stacking", ["layers", "vmap"])
+@pytest.mark.parametrize("test_sigma", [None, 0.25], ids=["clean-test-inputs", "rab-test-noise"])
+def test_a_group_trains_the_same_models_as_one_at_a_time(test_sigma, stacking):
+    together, alone = group_and_alone(MODEL, stacking, test_sigma)
     assert together.shape == (2, 50)
     assert torch.equal(together, alone)
     assert not torch.equal(alone[0], alone[1])  # different draws and seeds give different models
@@ -123,17 +129,9 @@ def test_a_group_of_airbench_models_trains_stacked_as_one_at_a_time():
     """The fast recipe's network (airbench94's) stacks too: its fixed whitening stem and BatchNorm scales stay fixed."""
     from lightning_defense.models.grouped import can_stack
 
-    dm = DigitsDataModule(image_size=8, batch_size=32)
-    dm.setup("fit")
-    test_images = dm.test_set.tensors()[0][:50]
-    data = noised_training_sets(dm, (0, 1))
     model = dict(MODEL, backbone="airbench", backbone_kwargs={"widths": [8, 16, 16]}, lr=2.0)  # its head is scaled by 1/9
     assert can_stack(build_model(model, 10, 1, 3, 0).backbone)  # stacking="auto" stacks its layers
-    kwargs = dict(seed=3, max_epochs=1, batch_size=32, limit_train_batches=4, device=torch.device("cpu"))
-    together = train_and_vote([build_model(model, 10, 1, 3, i) for i in (0, 1)], [0, 1], data, test_images,
-                              together=True, stacking="layers", **kwargs)
-    alone = torch.cat([train_and_vote([build_model(model, 10, 1, 3, i)], [i], [data[i]], test_images,
-                                      together=False, **kwargs) for i in (0, 1)])
+    together, alone = group_and_alone(model, "layers")
     assert (together == alone).float().mean() >= 0.98  # float sums in another order may flip a close vote
     assert not torch.equal(alone[0], alone[1]) and len(alone.unique()) >= 4  # models that learned, not one class
 
