@@ -50,10 +50,12 @@ def steps(mode: str, **env) -> tuple[str, int]:
 def test_freed_tensors_are_reused_instead_of_faulted_in_again():
     (_, default), (tuned, faults) = steps("default"), steps("tune")
     assert tuned == "True"
-    assert default > 20_000  # glibc's default: the step's activations and gradients mapped again, every step
+    # glibc's default: the step's activations and gradients mapped again, every step. How many pages that is varies
+    # with the machine (12,000 to 55,000 seen), so the bound is a hundred a step.
+    assert default > 2_000
     assert faults < default / 10
 
 
 def test_a_users_own_glibc_setting_stands():
-    tuned, faults = steps("tune", MALLOC_TRIM_THRESHOLD_="131072")
-    assert tuned == "False" and faults > 20_000
+    (_, tuned_faults), (tuned, faults) = steps("tune"), steps("tune", MALLOC_TRIM_THRESHOLD_="131072")
+    assert tuned == "False" and faults > 2_000 and faults > 10 * tuned_faults
