@@ -8,6 +8,7 @@ their range, and how often the groups' votes equal the one-at-a-time votes.
 
     python benchmarks/certify_throughput.py --num_models 16 --models_per_batch 16 --image_size 8 --width 8 --max_epochs 2
     python benchmarks/certify_throughput.py --backbone airbench ...   # airbench94's network, widths (w, 2w, 2w)
+    python benchmarks/certify_throughput.py --recipe fast --backbone airbench ...   # and its recipe (FastImageClassifier)
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import torch
 from lightning_defense.certify import build_model, train_and_vote
 from lightning_defense.core.host_memory import reuse_freed_memory
 from lightning_defense.datamodules import DigitsDataModule, GaussianNoiseDataModule
+from lightning_defense.models import FastImageClassifier, ImageClassifier
+
+RECIPES = {"classifier": ImageClassifier, "fast": FastImageClassifier}
 
 
 def main() -> None:
@@ -30,6 +34,8 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=8)
     parser.add_argument("--backbone", choices=("small_cnn", "airbench"), default="small_cnn")
     parser.add_argument("--width", type=int, default=8, help="SmallCNN width; airbench's widths are (w, 2w, 2w)")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default="classifier",
+                        help="ImageClassifier's recipe, or FastImageClassifier's (airbench94's: --backbone airbench)")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (airbench's scaled head learns at about 2)")
     parser.add_argument("--max_epochs", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -37,6 +43,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.recipe == "fast" and args.backbone != "airbench":
+        parser.error("--recipe fast trains airbench94's network: add --backbone airbench")
     reuse_freed_memory()  # as the command line does
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -46,7 +54,8 @@ def main() -> None:
     dm.setup("fit")
     test_images, labels = dm.test_set.tensors()
     widths = {"width": args.width} if args.backbone == "small_cnn" else {"widths": [args.width, 2 * args.width, 2 * args.width]}
-    model_args = {"backbone": args.backbone, "backbone_kwargs": widths, "lr": args.lr, "crop_padding": 1, "flip": False}
+    model_args = (RECIPES[args.recipe],
+                  {"backbone": args.backbone, "backbone_kwargs": widths, "lr": args.lr, "crop_padding": 1, "flip": False})
     indices = list(range(args.num_models))
     data = {}
     for i in indices:  # smoothing is not timed: every way uses the same noised sets
@@ -85,7 +94,7 @@ def main() -> None:
             seconds[name].append(time.perf_counter() - start)
     per_hour = lambda s: 3600.0 * len(indices) / s  # noqa: E731
     print(f"device {device}, torch threads {torch.get_num_threads()}, {len(indices)} models in groups of "
-          f"{args.models_per_batch}, {args.backbone} {widths}, {args.image_size}x{args.image_size}, "
+          f"{args.models_per_batch}, {RECIPES[args.recipe].__name__} {args.backbone} {widths}, {args.image_size}x{args.image_size}, "
           f"{args.max_epochs} epoch(s) of {len(data[0][0])} images, batch {args.batch_size}, {args.repeats} repeats")
     single = seconds["one at a time"]
     for name, times in seconds.items():

@@ -49,6 +49,8 @@ echo "## certification: models per hour"
 $py benchmarks/certify_throughput.py $certify --device "$device"
 echo "## certification: models per hour, airbench94's network (widths w, 2w, 2w)"
 $py benchmarks/certify_throughput.py $certify --device "$device" --backbone airbench --lr 2
+echo "## certification: models per hour, airbench94's network and recipe (FastImageClassifier)"
+$py benchmarks/certify_throughput.py $certify --device "$device" --backbone airbench --recipe fast --lr 0.8
 echo "## the fast recipe (airbench94-style): models per hour at CIFAR size, against the ResNet-18 recipe"
 $py benchmarks/fast_recipe.py --skip-fit $fast --device "$device"
 $py benchmarks/fast_recipe.py --skip-fit $fast --device "$device" --precision bf16

@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -169,3 +170,17 @@ def test_certify_a_users_module_and_datamodule(tmp_path, capsys):
           "--trainer.accelerator=cpu", "--trainer.max_epochs=1", "--progress_bar=false", "--num_classes=3",
           f"--output_dir={tmp_path / 'dpa'}"])
     assert "DPA, k=3 partitions" in capsys.readouterr().out
+
+
+def test_certify_with_the_fast_recipe_by_class_path_trains_groups(tmp_path, capsys):
+    """FastImageClassifier on the command line is one of the loop's recipes: several at once, linked to the data."""
+    main(["certify", "--model", "lightning_defense.models.FastImageClassifier",
+          "--model.backbone_kwargs={widths: [8, 16, 16]}", "--model.flip=false", "--data",
+          "lightning_defense.datamodules.DigitsDataModule", "--data.image_size=8", "--num_models=4", "--n0=1",
+          "--num_test_points=10", "--trainer.accelerator=cpu", "--trainer.max_epochs=1",
+          "--trainer.limit_train_batches=2", "--trainer.models_per_batch=2", "--progress_bar=false",
+          f"--output_dir={tmp_path}"])
+    assert "m=4" in capsys.readouterr().out
+    key = json.loads((tmp_path / "votes" / "key.json").read_text())
+    assert key["model"]["class_path"] == "lightning_defense.models.fast.FastImageClassifier"
+    assert "num_classes" not in key["model"]["init_args"]  # from the data (1 channel, 10 classes), not the defaults

@@ -25,7 +25,8 @@ interrupted run resumes at the next untrained model; a damaged votes file is rep
 Each model trains as ``fit`` would train it on its wrapper: a wrapper's per-batch rewrite
 (``train_batch_transform``, e.g. ECLIPSE's compensation) applies to its batches too.
 
-The models are :class:`~lightning_defense.models.ImageClassifier` (``model`` holds its arguments), or a
+The models are :class:`~lightning_defense.models.ImageClassifier` (``model`` holds its arguments) or
+:class:`~lightning_defense.models.FastImageClassifier` (by class path), trained by the loop itself, or a
 user's own ``LightningModule`` on the user's own datamodule (``model={"class_path": ..., "init_args":
 ...}``): the training set is read as [0, 1] pixels through :class:`~lightning_defense.core.pixels.PixelView`
 (for DPA's partition and the resume key), each model trains on its training set in the user's own item
@@ -69,6 +70,7 @@ from lightning_defense.certify.smoothing import (
     plot_certified_accuracy,
 )
 from lightning_defense.certify.training import (
+    RECIPES,
     build_model,
     build_user_model,
     pixel_batch_transform,
@@ -130,7 +132,7 @@ DPA_CURVE_HEADER = ["certified_modified_samples", "certified_insertions_deletion
 class TrainingOptions:
     """How each model trains, and where the loop runs.
 
-    Each model trains with :class:`~lightning_defense.models.ImageClassifier`'s recipe in a plain loop on
+    Each model trains with its class's recipe (ImageClassifier's or FastImageClassifier's) in a plain loop on
     its rank's device; the batch size is the datamodule's.
 
     Args:
@@ -188,10 +190,11 @@ def _check_arguments(data, model, smoothing, mode, num_models, n0, selection, al
     """Every argument checked before any process starts.
 
     Returns:
-        ``(training, model_args, wrapper, sigma, user)``: :class:`TrainingOptions`, the ImageClassifier
-        arguments (None for a user's module), the smoothing wrapper's ``(class, init_args)`` (None for DPA),
-        the radius' sigma, the wrapper's ``certified_sigma`` (None for DPA), and a user's LightningModule as
-        ``(class, init_args)`` (None for ImageClassifier).
+        ``(training, recipe, wrapper, sigma, user)``: :class:`TrainingOptions`, one of the library's
+        :data:`~lightning_defense.certify.training.RECIPES` as ``(class, init_args)`` (None for a user's module),
+        the smoothing wrapper's ``(class, init_args)`` (None for DPA), the radius' sigma, the wrapper's
+        ``certified_sigma`` (None for DPA), and a user's LightningModule as ``(class, init_args)`` (None for a
+        recipe).
     """
     training = training if training is not None else TrainingOptions()
     if isinstance(training, Mapping):
@@ -215,20 +218,20 @@ def _check_arguments(data, model, smoothing, mode, num_models, n0, selection, al
         _check_int("training.limit_train_batches", training.limit_train_batches, 1)
     if max_models is not None:
         _check_int("max_models", max_models, 0)
-    user = None
+    user, recipe = None, (ImageClassifier, dict(model or {}))
     if isinstance(model, Mapping) and "class_path" in model:
-        user, model = _user_model(model)
+        user, recipe = _user_model(model)
         if user is not None and training.models_per_batch != 1:
-            raise ValueError(f"training.models_per_batch={training.models_per_batch}: only ImageClassifier models "
-                             f"train several at once; {user[0].__name__} trains one at a time, set it to 1")
+            raise ValueError(f"training.models_per_batch={training.models_per_batch}: only "
+                             f"{' and '.join(c.__name__ for c in RECIPES)} models train several at once; "
+                             f"{user[0].__name__} trains one at a time, set it to 1")
     if num_classes is not None:
         _check_int("num_classes", num_classes, 2)
         if user is None:
             raise ValueError("num_classes is for a user's LightningModule (model.class_path); ImageClassifier runs "
                              "take the datamodule's num_classes")
-    model_args = None if user is not None else dict(model or {})
     for linked in ("num_classes", "in_chans"):
-        if model_args is not None and linked in model_args:
+        if recipe is not None and linked in recipe[1]:
             raise ValueError(f"model.{linked} comes from the datamodule; remove it from the model arguments")
     if not isinstance(data, L.LightningDataModule):
         raise ValueError(f"data must be a LightningDataModule; got {type(data).__name__}")
@@ -241,12 +244,13 @@ def _check_arguments(data, model, smoothing, mode, num_models, n0, selection, al
         raise ValueError("mode 'dpa' partitions the training set as it is; set smoothing to null")
     else:
         sigma = None
-    return training, model_args, wrapper, sigma, user
+    return training, recipe, wrapper, sigma, user
 
 
-def _user_model(spec: Mapping) -> tuple[Optional[tuple[type, dict]], Optional[dict]]:
+def _user_model(spec: Mapping) -> tuple[Optional[tuple[type, dict]], Optional[tuple[type, dict]]]:
     """``model={"class_path": ..., "init_args": {...}}`` checked: ``((class, init_args), None)`` for a user's
-    LightningModule, or ``(None, init_args)`` when it names ImageClassifier itself (the ImageClassifier path).
+    LightningModule, or ``(None, (class, init_args))`` when it names one of the library's
+    :data:`~lightning_defense.certify.training.RECIPES` (trained by the loop itself, several at once).
 
     Raises:
         ValueError: Other keys, a class that is not a LightningModule, or init_args it does not take.
@@ -259,15 +263,13 @@ def _user_model(spec: Mapping) -> tuple[Optional[tuple[type, dict]], Optional[di
     init_args = spec.get("init_args") or {}
     if not isinstance(init_args, Mapping):
         raise ValueError(f"model.init_args must be a mapping; got {init_args!r}")
-    if cls is ImageClassifier:
-        return None, dict(init_args)
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         bad = sorted(set(init_args) - set(params) - {"self"})
         if bad:
             raise ValueError(f"model.init_args {bad} are not arguments of {cls.__name__}; it takes "
                              f"{sorted(n for n in params if n != 'self')}")
-    return (cls, dict(init_args)), None
+    return ((None, (cls, dict(init_args))) if cls in RECIPES else ((cls, dict(init_args)), None))
 
 
 def certifying_wrappers() -> list[str]:
@@ -441,7 +443,8 @@ def run_certification(
 
     Args:
         data: The (possibly poisoned) datamodule; its training split is smoothed or partitioned.
-        model: ``ImageClassifier`` arguments without num_classes/in_chans (taken from ``data``), or a user's own
+        model: ``ImageClassifier`` arguments without num_classes/in_chans (taken from ``data``), the same for
+            ``{"class_path": "lightning_defense.models.FastImageClassifier", "init_args": {...}}``, or a user's own
             LightningModule ``{"class_path": "my_pkg.MyModule", "init_args": {...}}`` (model i is
             ``MyModule(**init_args)`` built under its own seed). A user's module trains on ``data`` as its own
             training loader serves it (batch size, collate, the items' layout, augmentation and
@@ -491,7 +494,7 @@ def run_certification(
         )
         print(result.summary["certified_accuracy"])
     """
-    training, model_args, wrapper, sigma, user = _check_arguments(
+    training, recipe, wrapper, sigma, user = _check_arguments(
         data, model, smoothing, mode, num_models, n0, selection, alpha, sigma, training, max_models, num_classes)
     fabric = _launch(training)
     collective = Collective(fabric)
@@ -503,7 +506,7 @@ def run_certification(
 
     # Resume: rank 0 finds the models whose votes are already stored under this configuration's key.
     output_dir = Path(output_dir)
-    key = (_resume_key(mode, seed, setup, model_args, training, wrapper, sigma, num_models, user)
+    key = (_resume_key(mode, seed, setup, recipe, training, wrapper, sigma, num_models, user)
            if collective.rank == 0 else None)
     store, todo = _open_vote_store(collective, output_dir, key, num_models, setup)
     if max_models is not None:
@@ -513,7 +516,7 @@ def run_certification(
     device = resolve_device(collective.device, stage="certify.train")
     trained = _train_sharded(
         collective, todo, 1 if mode == "dpa" else training.models_per_batch, store, training_sets,
-        build=lambda i: build_model(model_args, setup.num_classes, setup.in_chans, seed, i),
+        build=lambda i: build_model(recipe, setup.num_classes, setup.in_chans, seed, i),
         test_images=setup.test_images, seed=seed, training=training, batch_size=setup.batch_size,
         progress_bar=progress_bar and collective.rank == 0,
         test_sigma=sigma if mode == "rab" else None, test_keys=setup.test_indices,
@@ -699,7 +702,7 @@ def _setup_is_collective(wrapper_cls: type) -> bool:
 # --------------------------------------------------------------------------- resume
 
 
-def _resume_key(mode: str, seed: int, data: _Data, model_args: Optional[dict], training: TrainingOptions,
+def _resume_key(mode: str, seed: int, data: _Data, recipe: Optional[tuple[type, dict]], training: TrainingOptions,
                 wrapper: Optional[tuple[type, dict]], sigma: Optional[float], num_models: int,
                 user: Optional[tuple[type, dict]] = None) -> dict:
     """Everything that determines a model's votes. In smoothing mode m is not in it: a larger m reuses the
@@ -712,8 +715,7 @@ def _resume_key(mode: str, seed: int, data: _Data, model_args: Optional[dict], t
         "data": {"class": f"{type(data.module).__module__}.{type(data.module).__qualname__}",
                  "train_sha256": fingerprint(data.train_images, data.train_labels),
                  "test_sha256": fingerprint(data.test_indices, data.test_images, data.test_labels)},
-        "model": _with_defaults(ImageClassifier, model_args, {"num_classes", "in_chans"}) if user is None else {
-            "class_path": f"{user[0].__module__}.{user[0].__qualname__}", "init_args": _with_defaults(*user, set())},
+        "model": _model_key(recipe, {"num_classes", "in_chans"}) if user is None else _model_key(user, set()),
         "training": {"max_epochs": training.max_epochs, "limit_train_batches": training.limit_train_batches,
                      "batch_size": data.batch_size},
     }
@@ -728,6 +730,15 @@ def _resume_key(mode: str, seed: int, data: _Data, model_args: Optional[dict], t
         spaces = {"train_space": data.user.train_space, "test_space": data.user.test_space}
         key["data"].update(num_classes=data.num_classes, **{k: [s.mean, s.std] for k, s in spaces.items()})
     return key
+
+
+def _model_key(spec: tuple[type, dict], skip: set) -> dict:
+    """A model's class and arguments (with defaults) in a resume key: ImageClassifier's as its arguments alone (the
+    key of runs written before other classes were keyed), any other class with its class path."""
+    cls, args = spec
+    if cls is ImageClassifier:
+        return _with_defaults(cls, args, skip)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": _with_defaults(cls, args, skip)}
 
 
 def _open_vote_store(collective: Collective, output_dir: Path, key: Optional[dict], num_models: int,

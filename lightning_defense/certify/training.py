@@ -1,8 +1,10 @@
 """Training the certification loop's models: one at a time, or several at once with ``torch.func``.
 
-Each model follows :class:`~lightning_defense.models.ImageClassifier`'s recipe (random crop/flip in
-pixel space, normalisation, cross-entropy, SGD with Nesterov momentum and weight decay, x``gamma``
-steps at the milestones) in a plain loop on one device, so that no process group is nested inside the
+Each model follows its class's recipe, one of :data:`RECIPES`: :class:`~lightning_defense.models.ImageClassifier`'s
+(random crop/flip in pixel space, normalisation, cross-entropy, SGD with Nesterov momentum and weight decay,
+x``gamma`` steps at the milestones) or :class:`~lightning_defense.models.FastImageClassifier`'s (also a whitening
+stem from each model's first batch, label smoothing, lookahead, a per-step schedule and test-time augmentation),
+in a plain loop on one device, so that no process group is nested inside the
 loop's own DDP sharding. All randomness of model ``i`` (initialisation, shuffling, augmentation) comes
 from streams keyed by ``(seed, i)``: a model's votes depend neither on the rank that trains it nor on
 the other models of its group. A smoothing wrapper's per-batch rewrite (``train_batch_transform``,
@@ -15,8 +17,8 @@ batched linear head), which keeps every activation contiguous; for any other arc
 are stacked (``torch.func.stack_module_state``) and the shared architecture is called through
 ``vmap(functional_call)``. BatchNorm works both ways: each model's statistics are its own channels (or
 stacked buffers that ``vmap`` updates in place per model), so a group computes, up to floating-point
-rounding, the same updates as training the models one by one. SGD is elementwise per parameter, so one
-``torch.optim.SGD`` over the stacked tensors is the per-model SGD. The crop/flip offsets of each model are
+rounding, the same updates as training the models one by one. SGD and lookahead are elementwise per parameter,
+so one optimizer over the stacked tensors is the per-model optimizer. The crop/flip offsets of each model are
 drawn from its own stream and applied to the whole group at once.
 
 For RAB (Weber et al.) each model also votes on noised test inputs: model ``i`` sees test point ``t``
@@ -35,6 +37,7 @@ from (with loader workers, their seeds come from the SHUFFLE generator).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -52,11 +55,11 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_defense.models.augment import apply_crop_flip, draw_crop_flip
 from lightning_defense.models.grouped import can_stack, stack_layers
 from lightning_defense.core.pixels import Layout, PixelSpace
-from lightning_defense.core.recipe import sgd_with_steps
 from lightning_defense.core.rng import generator, per_sample_normal, seed_for
 from lightning_defense.models.classifier import ImageClassifier
+from lightning_defense.models.fast import FastImageClassifier
 
-__all__ = ["BatchTransform", "build_model", "build_user_model", "rab_test_noise", "train_and_vote",
+__all__ = ["RECIPES", "BatchTransform", "build_model", "build_user_model", "rab_test_noise", "train_and_vote",
            "train_user_and_vote", "user_loader"]
 
 # Independent random streams of one model, keyed by (seed, model index, stream).
@@ -66,11 +69,18 @@ BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
 """``(images, generator) -> images``: a wrapper's ``train_batch_transform``."""
 
 
-def build_model(model_args: dict, num_classes: int, in_chans: int, seed: int, index: int) -> ImageClassifier:
-    """A fresh ImageClassifier for model ``index``, initialised from its own stream."""
+#: The library's models that the loop trains itself (:func:`train_and_vote`), several at once: each gives its recipe
+#: through ``criterion``, ``optimizer_and_schedule``, ``initialise_from_batch`` and ``eval_logits``.
+RECIPES = (ImageClassifier, FastImageClassifier)
+
+
+def build_model(recipe: tuple[type, dict], num_classes: int, in_chans: int, seed: int, index: int) -> ImageClassifier:
+    """A fresh model ``cls(**init_args)`` of ``recipe = (cls, init_args)`` (one of :data:`RECIPES`) for model
+    ``index``, initialised from its own stream."""
+    cls, init_args = recipe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_for(seed, index, INIT))
-        return ImageClassifier(**model_args, num_classes=num_classes, in_chans=in_chans)
+        return cls(**init_args, num_classes=num_classes, in_chans=in_chans)
 
 
 def rab_test_noise(seed: int, index: int, test_keys: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -144,6 +154,36 @@ def train_and_vote(
         raise ValueError(f"batch_transforms must give one entry per model ({group}); got {len(batch_transforms)}")
     hp = models[0].hparams
     models = [m.to(device).train() for m in models]
+    shuffle_gens = [generator(seed, i, SHUFFLE) for i in indices]
+    augment_gens = [generator(seed, i, AUGMENT, device=device) for i in indices]
+    transform_gens = [generator(seed, i, BATCH_TRANSFORM) for i in indices]
+    n = len(train_data[0][0])
+    steps = math.ceil(n / batch_size)
+    if limit_train_batches is not None:
+        steps = min(steps, limit_train_batches)
+
+    def batches():
+        """``(step, xs, draws, ys)``: each model's batch (after its batch transform) and crop/flip draws."""
+        for _ in range(max_epochs):
+            orders = [torch.randperm(len(images), generator=g) for (images, _), g in zip(train_data, shuffle_gens)]
+            for step in range(steps):
+                xs, ys, draws = [], [], []
+                for (images, labels), order, gen, transform, transform_gen in zip(
+                        train_data, orders, augment_gens, batch_transforms, transform_gens):
+                    idx = order[step * batch_size : (step + 1) * batch_size]
+                    x = images[idx].to(device, non_blocking=True)
+                    if transform is not None:
+                        x = transform(x, transform_gen)
+                    xs.append(x)
+                    draws.append(draw_crop_flip(len(x), hp.crop_padding, hp.flip, gen, x.device))
+                    ys.append(labels[idx].to(device, non_blocking=True))
+                yield step, xs, draws, ys
+
+    # Each model's data-dependent initialisation (the fast recipe's whitening) from its first batch, before stacking
+    stream = batches()
+    first = next(stream)
+    for model, x in zip(models, first[1]):
+        model.initialise_from_batch(x)
 
     if together and stacking == "auto":
         stacking = "layers" if can_stack(models[0].backbone) else "vmap"
@@ -158,7 +198,7 @@ def train_and_vote(
             logits = network(stacked.contiguous(memory_format=torch.channels_last))
             return logits.view(b, g, -1).transpose(0, 1)
 
-        trainable = list(network.parameters())
+        trainable, modules = dict(network.named_parameters()), dict(network.named_modules())
     elif together:
         params, buffers = stack_module_state(models)
         template = copy.deepcopy(models[0]).to("meta")
@@ -169,44 +209,26 @@ def train_and_vote(
         def grouped(x: Tensor) -> Tensor:
             return vmap(call)(params, buffers, x)
 
-        trainable = list(params.values())
+        trainable, modules = params, dict(template.named_modules())
     else:
-        trainable = list(models[0].parameters())
+        trainable, modules = dict(models[0].named_parameters()), None
 
-    optimizer, scheduler = sgd_with_steps(trainable, max_epochs, **models[0].recipe())
-    shuffle_gens = [generator(seed, i, SHUFFLE) for i in indices]
-    augment_gens = [generator(seed, i, AUGMENT, device=device) for i in indices]
-    transform_gens = [generator(seed, i, BATCH_TRANSFORM) for i in indices]
-
-    n = len(train_data[0][0])
-    steps = math.ceil(n / batch_size)
-    if limit_train_batches is not None:
-        steps = min(steps, limit_train_batches)
-    for _ in range(max_epochs):
-        orders = [torch.randperm(len(images), generator=g) for (images, _), g in zip(train_data, shuffle_gens)]
-        for step in range(steps):
-            xs, ys, draws = [], [], []
-            for (images, labels), order, gen, transform, transform_gen in zip(
-                    train_data, orders, augment_gens, batch_transforms, transform_gens):
-                idx = order[step * batch_size : (step + 1) * batch_size]
-                x = images[idx].to(device, non_blocking=True)
-                if transform is not None:
-                    x = transform(x, transform_gen)
-                xs.append(x)
-                draws.append(draw_crop_flip(len(x), hp.crop_padding, hp.flip, gen, x.device))
-                ys.append(labels[idx].to(device, non_blocking=True))
-            x = torch.stack(xs)  # (G, B, C, H, W), each model's crop/flip drawn from its own stream
-            x = apply_crop_flip(x.flatten(0, 1), hp.crop_padding,
-                                *(None if d[0] is None else torch.cat(d) for d in zip(*draws))).view(x.shape)
-            if together:
-                per_model = F.cross_entropy(grouped(x).flatten(0, 1), torch.stack(ys).flatten(), reduction="none")
-                loss = per_model.view(group, -1).mean(dim=1).sum()  # each model's gradient is its own mean loss's
-            else:
-                loss = F.cross_entropy(models[0](x[0]), ys[0])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
+    # The model's own recipe (ImageClassifier's SGD and steps, or the fast recipe's) over the stacked parameters
+    optimizer, scheduler, interval = models[0].optimizer_and_schedule(max_epochs, max_epochs * steps, trainable, modules)
+    for step, xs, draws, ys in itertools.chain([first], stream):
+        x = torch.stack(xs)  # (G, B, C, H, W), each model's crop/flip drawn from its own stream
+        x = apply_crop_flip(x.flatten(0, 1), hp.crop_padding,
+                            *(None if d[0] is None else torch.cat(d) for d in zip(*draws))).view(x.shape)
+        if together:
+            per_sample = models[0].criterion(grouped(x).flatten(0, 1), torch.stack(ys).flatten(), reduction="none")
+            loss = per_sample.view(group, -1).mean(dim=1).sum()  # each model's gradient is its own mean loss's
+        else:
+            loss = models[0].criterion(models[0](x[0]), ys[0])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if interval == "step" or step == steps - 1:
+            scheduler.step()
 
     votes = []
     with torch.no_grad():
@@ -219,7 +241,7 @@ def train_and_vote(
             x = x.to(device)
             if together and stacking == "layers":
                 network.eval()
-                logits = grouped(x if test_sigma is not None else x.expand(group, *x.shape))
+                logits = models[0].eval_logits(grouped, x if test_sigma is not None else x.expand(group, *x.shape))
             elif together:
                 template.eval()
                 logits = vmap(call, in_dims=(0, 0, 0 if test_sigma is not None else None))(params, buffers, x)

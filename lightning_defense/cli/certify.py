@@ -4,9 +4,11 @@
 with ``sigmas: [...]`` it runs once per sigma (into ``output_dir/sigma_<s>``) and plots all of them together.
 ``certify-plot RUN_DIR ... --output fig.png`` draws finished runs on one plot.
 
-The models are ImageClassifier (its arguments under ``model``), or a user's own LightningModule named by class
-path (``--model my_pkg.MyModule`` or ``model: {class_path: ..., init_args: ...}``) trained on a user's own
-datamodule (``--data my_pkg.MyDataModule``) by its own ``training_step`` and ``configure_optimizers``.
+The models are ImageClassifier (its arguments under ``model``), FastImageClassifier (``model: {class_path:
+lightning_defense.models.FastImageClassifier, init_args: ...}``; trained by the loop itself, several at once, as
+ImageClassifier), or a user's own LightningModule named by class path (``--model my_pkg.MyModule`` or ``model:
+{class_path: ..., init_args: ...}``) trained on a user's own datamodule (``--data my_pkg.MyDataModule``) by its own
+``training_step`` and ``configure_optimizers``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lightning_defense.certify.loop import (
     plot_runs,
     run_certification,
 )
+from lightning_defense.certify.training import RECIPES
 from lightning_defense.cli.fit import model_class_path
 from lightning_defense.core.config import resolve_class
 from lightning_defense.models.classifier import ImageClassifier
@@ -117,7 +120,7 @@ def run_certify(argv: list[str]) -> None:
     cfg = parser.parse_args(argv)
     init = parser.instantiate_classes(cfg)
     model = cfg.model.as_dict()
-    if "class_path" in model and resolve_class(model["class_path"], L.LightningModule, "model") is ImageClassifier:
+    if "class_path" in model and resolve_class(model["class_path"], L.LightningModule, "model") in RECIPES:
         for linked in ("num_classes", "in_chans"):  # from the data, as without class_path
             (model.get("init_args") or {}).pop(linked, None)
     kwargs = dict(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -171,9 +173,16 @@ class ImageClassifier(L.LightningModule):
         last = trainer.num_training_batches
         return (self.global_step + 1) % trainer.log_every_n_steps == 0 or batch_idx + 1 == last
 
-    def criterion(self, logits: Tensor, y: Tensor) -> Tensor:
-        """The training loss: cross-entropy."""
-        return F.cross_entropy(logits, y)
+    def criterion(self, logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+        """The training loss: cross-entropy (``reduction`` as for ``F.cross_entropy``)."""
+        return F.cross_entropy(logits, y, reduction=reduction)
+
+    def initialise_from_batch(self, x: Tensor) -> None:
+        """Data-dependent initialisation from the first training batch (pixels, before augmentation): none here."""
+
+    def eval_logits(self, logits_of, x: Tensor) -> Tensor:
+        """The logits this model votes with in eval mode, given its plain forward ``logits_of``: those of ``x``."""
+        return logits_of(x)
 
     @torch.no_grad()
     def _count_correct(self, logits: Tensor, y: Tensor) -> None:
@@ -218,8 +227,24 @@ class ImageClassifier(L.LightningModule):
         return {"lr": hp.lr, "momentum": hp.momentum, "nesterov": hp.nesterov, "weight_decay": hp.weight_decay,
                 "milestones": hp.milestones, "gamma": hp.gamma}
 
+    def optimizer_and_schedule(self, max_epochs: int, total_steps: Optional[int] = None,
+                               parameters: Optional[Mapping[str, Tensor]] = None,
+                               modules: Optional[Mapping[str, nn.Module]] = None) -> tuple[Optimizer, LRScheduler, str]:
+        """This recipe's optimizer and learning-rate schedule, and how often the schedule steps (``"epoch"``).
+
+        Args:
+            max_epochs: Epochs of the fit.
+            total_steps: Optimizer steps of the fit (not used by this recipe).
+            parameters: The tensors to train, by the names they have in ``modules``; None: this model's. The
+                certification loop passes the stacked copies of a group's parameters.
+            modules: The modules those names refer to; None: this model's.
+        """
+        params = parameters.values() if parameters is not None else self.parameters()
+        optimizer, scheduler = sgd_with_steps(list(params), max_epochs, **self.recipe())
+        return optimizer, scheduler, "epoch"
+
     def configure_optimizers(self):
-        hp = self.hparams
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 80
-        optimizer, scheduler = sgd_with_steps(self.parameters(), max_epochs, **self.recipe())
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        trainer = self._trainer
+        max_epochs = trainer.max_epochs if trainer is not None and trainer.max_epochs and trainer.max_epochs > 0 else 80
+        optimizer, scheduler, interval = self.optimizer_and_schedule(max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

@@ -15,20 +15,22 @@ The pieces, each a small object here:
 * :func:`tta_logits`: test-time augmentation, the average of the logits of a mirrored and translated batch.
 * :class:`FastImageClassifier`: :class:`~lightning_defense.models.ImageClassifier` with the above, label
   smoothing, and the whitening computed from the first training batch (remembered in a buffer, so a resumed
-  fit does not redo it). It needs nothing but ``training_step`` and ``configure_optimizers``, so it also
-  trains in the certification loop's plain loop for user modules.
+  fit does not redo it). The certification loop trains it as it trains ImageClassifier, several models at once,
+  through the recipe's hooks (``criterion``, ``optimizer_and_schedule``, ``initialise_from_batch``,
+  ``eval_logits``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_defense.core.batch import unpack_batch
 from lightning_defense.core.collective import Collective
@@ -155,11 +157,11 @@ class Lookahead(Optimizer):
 
 
 def _shift(x: Tensor, dy: int, dx: int) -> Tensor:
-    """``x`` translated by (dy, dx) pixels, reflecting at the border."""
+    """``x`` (..., C, H, W) translated by (dy, dx) pixels, reflecting at the border."""
     pad = max(abs(dy), abs(dx))
-    padded = F.pad(x, (pad,) * 4, mode="reflect")
+    padded = F.pad(x.reshape(-1, *x.shape[-3:]), (pad,) * 4, mode="reflect")
     h, w = x.shape[-2:]
-    return padded[..., pad - dy: pad - dy + h, pad - dx: pad - dx + w]
+    return padded[..., pad - dy: pad - dy + h, pad - dx: pad - dx + w].reshape(x.shape)
 
 
 def tta_logits(model: Callable[[Tensor], Tensor], x: Tensor, mode: str) -> Tensor:
@@ -195,8 +197,8 @@ class FastImageClassifier(ImageClassifier):
       certification loop's votes all use it.
     * Training augmentation: ImageClassifier's keyed random crop (``crop_padding``) and flip.
 
-    The schedule needs the number of optimizer steps: the Trainer's ``estimated_stepping_batches``, or
-    ``total_steps`` where no Trainer is attached (the certification loop: ``max_epochs`` times the batches per
+    The schedule needs the number of optimizer steps: ``total_steps`` where given, else the Trainer's
+    ``estimated_stepping_batches``, or the certification loop's count (``max_epochs`` times the batches per
     epoch).
 
     Args:
@@ -279,11 +281,15 @@ class FastImageClassifier(ImageClassifier):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits for un-normalised images in [0, 1]; averaged over ``tta`` in eval mode."""
-        if self.training or self.tta == "none":
+        if self.training:
             return super().forward(x)
-        return tta_logits(super().forward, x, self.tta)
+        return self.eval_logits(super().forward, x)
 
-    def _whiten(self, x: Tensor) -> None:
+    def eval_logits(self, logits_of: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """The logits of ``logits_of`` averaged over the test-time augmentations ``tta`` of ``x`` (any leading dims)."""
+        return tta_logits(logits_of, x, self.tta)
+
+    def initialise_from_batch(self, x: Tensor) -> None:
         """Set the stem from the batch ``x`` (rank 0's under DDP), once."""
         backbone = self.backbone
         if not self.hparams.whiten or bool(backbone.whitened):
@@ -296,33 +302,42 @@ class FastImageClassifier(ImageClassifier):
                 backbone.stem.weight.copy_(weight.to(backbone.stem.weight))
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        self._whiten(unpack_batch(batch)[0])
+        self.initialise_from_batch(unpack_batch(batch)[0])
         return super().training_step(batch, batch_idx)
 
-    def criterion(self, logits: Tensor, y: Tensor) -> Tensor:
+    def criterion(self, logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
         """Label-smoothed cross-entropy."""
-        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing, reduction=reduction)
 
-    def fit_steps(self) -> int:
-        """The fit's optimizer steps: ``total_steps``, else the Trainer's estimate."""
+    def fit_steps(self, total_steps: Optional[int] = None) -> int:
+        """The fit's optimizer steps: the hyperparameter ``total_steps``, else ``total_steps`` given here (the
+        certification loop's count), else the Trainer's estimate."""
         if self.hparams.total_steps is not None:
             return int(self.hparams.total_steps)
+        if total_steps is not None:
+            return int(total_steps)
         trainer = self._trainer
         if trainer is None:
             raise ValueError(f"{type(self).__name__} needs total_steps (its schedule and lookahead are per step) "
-                             "where no Trainer is attached, e.g. in the certification loop: set model.init_args."
-                             "total_steps to max_epochs x training batches per epoch")
+                             "where no Trainer is attached, e.g. a user-module path of the certification loop: set "
+                             "model.init_args.total_steps to max_epochs x training batches per epoch")
         steps = trainer.estimated_stepping_batches
         if not math.isfinite(steps) or steps < 1:
             raise ValueError(f"{type(self).__name__}'s schedule needs a finite number of steps; the Trainer gives "
                              f"{steps} (set max_epochs or max_steps, or total_steps)")
         return int(steps)
 
-    def configure_optimizers(self):
+    def optimizer_and_schedule(self, max_epochs: int, total_steps: Optional[int] = None,
+                               parameters: Optional[Mapping[str, Tensor]] = None,
+                               modules: Optional[Mapping[str, nn.Module]] = None) -> tuple[Optimizer, LRScheduler, str]:
+        """SGD (BatchNorm biases at ``bias_scaler`` times the lr), :class:`Lookahead`, and the per-step
+        :class:`WarmupLinearDecay` over :meth:`fit_steps` steps (``"step"``). Arguments as
+        :meth:`ImageClassifier.optimizer_and_schedule`; ``max_epochs`` is not used."""
         hp = self.hparams
-        total = self.fit_steps()
-        named = dict(self.named_parameters())
-        bn_biases = {f"{name}.bias" for name, m in self.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        total = self.fit_steps(total_steps)
+        named = dict(parameters) if parameters is not None else dict(self.named_parameters())
+        modules = modules if modules is not None else dict(self.named_modules())
+        bn_biases = {f"{name}.bias" for name, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
         biases = [p for n, p in named.items() if n in bn_biases and p.requires_grad]
         others = [p for n, p in named.items() if n not in bn_biases and p.requires_grad]
         groups = [{"params": others}]
@@ -334,5 +349,4 @@ class FastImageClassifier(ImageClassifier):
         if hp.lookahead_every > 0:
             optimizer = Lookahead(optimizer, every=hp.lookahead_every, decay=hp.lookahead_decay, total_steps=total)
         schedule = WarmupLinearDecay(total, hp.warmup, hp.start_factor, hp.end_factor)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "step"

@@ -16,6 +16,7 @@ type or backbone raises, and the caller then trains the group with ``vmap``.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -60,17 +61,20 @@ def _cat(layers: Sequence[nn.Module], name: str) -> Tensor:
 
 def _stacked(layers: Sequence[nn.Module]) -> nn.Module:
     first, g = layers[0], len(layers)
+    like = next(itertools.chain(first.parameters(), first.buffers()), None)
+    like = {} if like is None else {"device": like.device, "dtype": like.dtype}  # the copies keep the layers' dtype
     if isinstance(first, nn.Conv2d):
         new = nn.Conv2d(first.in_channels * g, first.out_channels * g, first.kernel_size, first.stride, first.padding,
-                        first.dilation, first.groups * g, first.bias is not None, first.padding_mode)
+                        first.dilation, first.groups * g, first.bias is not None, first.padding_mode, **like)
     elif isinstance(first, nn.BatchNorm2d):
-        new = nn.BatchNorm2d(first.num_features * g, first.eps, first.momentum, first.affine, first.track_running_stats)
+        new = nn.BatchNorm2d(first.num_features * g, first.eps, first.momentum, first.affine, first.track_running_stats,
+                             **like)
         if first.track_running_stats:
             for name in ("running_mean", "running_var"):
                 getattr(new, name).copy_(_cat(layers, name))
             new.num_batches_tracked.copy_(first.num_batches_tracked)
     elif isinstance(first, nn.GroupNorm):
-        new = nn.GroupNorm(first.num_groups * g, first.num_channels * g, first.eps, first.affine)
+        new = nn.GroupNorm(first.num_groups * g, first.num_channels * g, first.eps, first.affine, **like)
     elif isinstance(first, nn.Linear):
         return GroupedLinear(layers)
     else:

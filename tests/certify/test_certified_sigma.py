@@ -15,6 +15,7 @@ from lightning_defense.datamodules import DiffusionPurifiedDataModule, DigitsDat
 from lightning_defense.datamodules.eclipse import compensate
 from lightning_defense.diffusion import load_denoiser, sigma_at_timestep
 from lightning_defense.diffusion.sparse import SparseDenoiserBuilder
+from lightning_defense.models import ImageClassifier
 from tests.certify.test_loop import MODEL, noised_training_sets, read_csv, tiny_run
 from tests.datamodules.test_eclipse import small_digits
 from tests.diffusion._tiny import save_tiny_ddpm
@@ -138,7 +139,7 @@ def test_diffusion_purified_with_a_timestep_certifies_that_timesteps_sigma(tmp_p
     for i in (0, 1):
         wrapper = DiffusionPurifiedDataModule(DigitsDataModule(image_size=8, batch_size=32), seed=i, **init_args)
         wrapper.setup("fit")
-        votes = train_and_vote([build_model(MODEL, 10, 1, 0, i)], [i], [wrapper.train_tensors()], test_images,
+        votes = train_and_vote([build_model((ImageClassifier, MODEL), 10, 1, 0, i)], [i], [wrapper.train_tensors()], test_images,
                                seed=0, max_epochs=1, batch_size=32, limit_train_batches=2,
                                device=torch.device("cpu"), together=False)
         assert np.array_equal(votes[0].numpy(), result.votes[i])
@@ -157,7 +158,7 @@ def test_vmap_group_with_a_batch_transform_trains_the_same_models_as_one_at_a_ti
     data = noised_training_sets(dm, (0, 1))
     noise = lambda x, g: compensate(x, 0.0, 0.2, g)  # noqa: E731
     kwargs = dict(seed=3, max_epochs=1, batch_size=32, limit_train_batches=4, device=torch.device("cpu"))
-    build = lambda i: build_model(MODEL, 10, 1, 3, i)  # noqa: E731
+    build = lambda i: build_model((ImageClassifier, MODEL), 10, 1, 3, i)  # noqa: E731
     together = train_and_vote([build(0), build(1)], [0, 1], data, test_images, together=True,
                               batch_transforms=[noise, noise], **kwargs)
     alone = torch.cat([train_and_vote([build(i)], [i], [data[i]], test_images, together=False,

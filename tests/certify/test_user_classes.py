@@ -128,7 +128,7 @@ def test_imageclassifier_by_class_path_is_the_imageclassifier_path(tmp_path):
     [
         (dict(model={"class_path": "subprocess.Popen"}), "not a LightningModule"),
         (dict(model={**LIT, "init_args": {"depth": 3}}), r"\['depth'\] are not arguments of LitClassifier"),
-        (dict(training=TrainingOptions(models_per_batch=2)), "only ImageClassifier models train several at once"),
+        (dict(training=TrainingOptions(models_per_batch=2)), "only ImageClassifier and FastImageClassifier models train several at once"),
         (dict(num_classes=4, mode="dpa", smoothing=None, num_models=1,
               training=TrainingOptions(max_epochs=1, accelerator="cpu")), r"\(batch, num_classes=4\)"),
     ],

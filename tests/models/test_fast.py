@@ -265,29 +265,52 @@ def test_a_killed_and_resumed_fit_ends_with_the_uninterrupted_weights(tmp_path, 
 # --------------------------------------------------------------------------- certification's plain loop
 
 
-def test_certifies_through_the_plain_loop_for_user_modules(tmp_path):
+class OwnFast(FastImageClassifier):
+    """A user's subclass: the certification loop trains it as any user's module, by its own training_step."""
+
+
+CERTIFY = dict(smoothing={"class_path": "lightning_defense.datamodules.GaussianNoiseDataModule",
+                          "init_args": {"sigma": 0.1}},
+               num_models=6, n0=1, alpha=0.1, num_test_points=30, progress_bar=False)
+FAST_ARGS = dict(backbone_kwargs={"widths": [16, 32, 32]}, flip=False, crop_padding=1, tta="translate", lr=0.8)
+
+
+def certified(result, output_dir):
+    with open(output_dir / "certificates.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    radius = np.array([float(r["radius"]) for r in rows])
+    correct = np.array([int(r["correct"]) for r in rows], dtype=bool)
+    assert result.complete and (correct & (radius > 0)).any()  # some points certified at a positive radius
+    assert result.summary["certified_accuracy"]["0"] > 0.5 and result.trained == list(range(6))
+
+
+def test_certifies_as_a_recipe_of_the_loop_several_models_at_once(tmp_path):
+    """FastImageClassifier by class path is one of the loop's recipes: stacked in groups, its steps counted for it."""
+    model = {"class_path": "lightning_defense.models.FastImageClassifier", "init_args": FAST_ARGS}
+    training = TrainingOptions(max_epochs=3, accelerator="cpu", models_per_batch=3)
+    result = run_certification(DigitsDataModule(image_size=8, batch_size=64), model=model, output_dir=tmp_path,
+                               training=training, **CERTIFY)
+    certified(result, tmp_path)
+    with pytest.raises(ValueError, match="model.num_classes comes from the datamodule"):
+        run_certification(DigitsDataModule(image_size=8, batch_size=64), output_dir=tmp_path / "linked",
+                          model={**model, "init_args": {**FAST_ARGS, "num_classes": 10}}, training=training, **CERTIFY)
+
+
+def test_a_subclass_certifies_through_the_plain_loop_for_user_modules(tmp_path):
     dm = DigitsDataModule(image_size=8, batch_size=64)
     dm.setup("fit")
     epochs = 3
     steps = epochs * math.ceil(len(dm.train_set) / 64)
-    init_args = dict(num_classes=10, in_chans=1, backbone_kwargs={"widths": [16, 32, 32]}, flip=False,
-                     crop_padding=1, tta="translate", lr=0.8, total_steps=steps)
-    model = {"class_path": "lightning_defense.models.FastImageClassifier", "init_args": init_args}
-    args = dict(smoothing={"class_path": "lightning_defense.datamodules.GaussianNoiseDataModule",
-                           "init_args": {"sigma": 0.1}},
-                num_models=6, n0=1, alpha=0.1, num_test_points=30, progress_bar=False,
-                training=TrainingOptions(max_epochs=epochs, accelerator="cpu"))
-    result = run_certification(DigitsDataModule(image_size=8, batch_size=64), model=model, output_dir=tmp_path, **args)
-    with open(tmp_path / "certificates.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    radius = np.array([float(r["radius"]) for r in rows])
-    correct = np.array([int(r["correct"]) for r in rows], dtype=bool)
-    assert result.complete and (correct & (radius > 0)).any()
-    assert result.summary["certified_accuracy"]["0"] > 0.5 and result.trained == list(range(6))
-
+    init_args = dict(FAST_ARGS, num_classes=10, in_chans=1, total_steps=steps)
+    model = {"class_path": f"{__name__}.OwnFast", "init_args": init_args}
+    training = TrainingOptions(max_epochs=epochs, accelerator="cpu")
+    result = run_certification(DigitsDataModule(image_size=8, batch_size=64), model=model, output_dir=tmp_path,
+                               training=training, **CERTIFY)
+    certified(result, tmp_path)
     with pytest.raises(ValueError, match="needs total_steps.*max_epochs x training batches"):
         run_certification(DigitsDataModule(image_size=8, batch_size=64), output_dir=tmp_path / "no_steps",
-                          model={**model, "init_args": {**init_args, "total_steps": None}}, **args)
+                          model={**model, "init_args": {**init_args, "total_steps": None}}, training=training,
+                          **CERTIFY)
 
 
 # --------------------------------------------------------------------------- arguments, configs

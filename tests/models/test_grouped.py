@@ -72,3 +72,14 @@ def test_a_backbone_it_does_not_know_is_refused():
         stack_layers([Custom(), Custom()])
     with pytest.raises(TypeError, match="cannot stack"):
         stack_layers([SmallCNN(10, 1, 4), CifarResNet18(10, 1)])
+
+
+def test_stacked_copies_keep_the_models_dtype():
+    """Float64 models stack as float64 (and bfloat16 as bfloat16), weights, biases and running statistics alike."""
+    torch.manual_seed(0)
+    for dtype in (torch.float64, torch.bfloat16):
+        models = [SmallCNN(10, 1, width=4).to(dtype).eval() for _ in range(2)]
+        network = stack_layers(models).eval()
+        assert {t.dtype for t in (*network.parameters(), *network.buffers()) if t.is_floating_point()} == {dtype}
+    xs = torch.rand(2, 5, 1, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(stacked_call(network.double(), xs), torch.stack([m.double()(x) for m, x in zip(models, xs)]))
