@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from scipy.stats import beta, norm
 
 import lightning_defense.certify.loop as loop
@@ -504,10 +505,18 @@ def test_cli_bad_wrapper_class_path_is_a_clear_error(tmp_path, capsys):
         main(["certify", "--config", str(config), *CLI_TINY, f"--output_dir={tmp_path}", "--n0=3"])
 
 
-def test_two_process_cpu_ddp_gives_the_same_votes(tmp_path):
+@pytest.mark.parametrize("recipe", ["image_classifier", "fast"])
+def test_two_process_cpu_ddp_gives_the_same_votes(tmp_path, recipe):
     config = ROOT / "configs" / "digits" / "certify.yaml"
     # 5 models: with 2 processes x 2 models per batch, the last round leaves rank 1 idle
     common = [*CLI_TINY, "--num_models=5", "--trainer.limit_train_batches=2"]
+    if recipe == "fast":  # the fast recipe: each model whitens from its own first batch on its rank, no collective
+        settings = yaml.safe_load(config.read_text())
+        settings["model"] = {"class_path": "lightning_defense.models.FastImageClassifier",
+                             "init_args": {"backbone_kwargs": {"widths": [4, 8, 8]}, "flip": False, "crop_padding": 1}}
+        config = tmp_path / "certify_fast.yaml"
+        config.write_text(yaml.safe_dump(settings))
+        common = [arg for arg in common if not arg.startswith("--model.")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -527,6 +536,7 @@ def test_two_process_cpu_ddp_gives_the_same_votes(tmp_path):
         two = np.load(tmp_path / "two" / "votes" / f"model_{i:06d}.npy")
         assert np.array_equal(one, two), f"model {i} voted differently on 1 and 2 processes"
     assert (tmp_path / "one" / "certificates.csv").read_text() == (tmp_path / "two" / "certificates.csv").read_text()
+    assert ("FastImageClassifier" in (tmp_path / "two" / "votes" / "key.json").read_text()) == (recipe == "fast")
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
