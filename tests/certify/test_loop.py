@@ -554,12 +554,15 @@ def test_fashion_mnist_dpa_config_runs_tiny(tmp_path, capsys):
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
-def test_fashion_mnist_diffusion_certify_config_runs_tiny(tmp_path, capsys, caplog):
-    """configs/fashion_mnist/certify.yaml on the real files, shrunk: each model denoises its own noise draw of
-    the training subset with the shipped Fashion-MNIST DDPM, and the sigma grid gives one run per sigma."""
-    config = ROOT / "configs" / "fashion_mnist" / "certify.yaml"
+@pytest.mark.parametrize("name, shrink", [("certify", "--model.backbone_kwargs={width: 4}"),
+                                          ("certify_fast", "--model.init_args.backbone_kwargs={widths: [4, 8, 8]}")])
+def test_fashion_mnist_diffusion_certify_config_runs_tiny(tmp_path, capsys, caplog, name, shrink):
+    """configs/fashion_mnist/certify.yaml (and its fast-recipe twin) on the real files, shrunk: each model denoises
+    its own noise draw of the training subset with the shipped Fashion-MNIST DDPM, and the sigma grid gives one run
+    per sigma."""
+    config = ROOT / "configs" / "fashion_mnist" / f"{name}.yaml"
     main(["certify", "--config", str(config), "--num_models=3", "--n0=1", "--num_test_points=20",
-          "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--model.backbone_kwargs={width: 4}",
+          "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", shrink,
           "--progress_bar=false", "--data.init_args.train_subset=100", "--sigmas=[0.1, 0.5]",
           f"--smoothing.init_args.cache_dir={tmp_path / 'cache'}", f"--output_dir={tmp_path / 'out'}"])
     assert "certified accuracy at radius 0:" in capsys.readouterr().out
