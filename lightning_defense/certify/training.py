@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
@@ -115,7 +114,7 @@ def train_and_vote(
         test_images: (T, C, H, W) test points in [0, 1].
         seed: The run's seed.
         max_epochs: Epochs per model.
-        batch_size: Training batch size.
+        batch_size: Training batch size; a last batch of one image joins the batch before it.
         limit_train_batches: At most this many batches per epoch (None: all).
         device: Where to train.
         together: Train the group at once as one network; every training set must have the same size.
@@ -158,7 +157,13 @@ def train_and_vote(
     augment_gens = [generator(seed, i, AUGMENT, device=device) for i in indices]
     transform_gens = [generator(seed, i, BATCH_TRANSFORM) for i in indices]
     n = len(train_data[0][0])
-    steps = math.ceil(n / batch_size)
+    # Batch boundaries. A last batch of one image joins the batch before it: alone it would give BatchNorm one value
+    # per channel where a network pools to 1x1 (airbench94's at 8x8 or 14x14), which cannot train; DPA's
+    # partitions take every size.
+    bounds = list(range(0, n, batch_size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    steps = len(bounds) - 1
     if limit_train_batches is not None:
         steps = min(steps, limit_train_batches)
 
@@ -170,7 +175,7 @@ def train_and_vote(
                 xs, ys, draws = [], [], []
                 for (images, labels), order, gen, transform, transform_gen in zip(
                         train_data, orders, augment_gens, batch_transforms, transform_gens):
-                    idx = order[step * batch_size : (step + 1) * batch_size]
+                    idx = order[bounds[step] : bounds[step + 1]]
                     x = images[idx].to(device, non_blocking=True)
                     if transform is not None:
                         x = transform(x, transform_gen)

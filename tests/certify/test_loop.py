@@ -183,6 +183,22 @@ def test_a_group_of_fast_recipe_models_trains_as_one_at_a_time(stacking, monkeyp
         assert {len(g["params"]) for g in optimizer.param_groups} == grouped_biases  # BatchNorm biases found stacked too
 
 
+def test_a_last_batch_of_one_image_joins_the_batch_before_it(monkeypatch):
+    """65 images in batches of 32: two steps of 32 and 33 images. A batch of one would give the airbench network's
+    BatchNorm one value per channel at its 1x1 last block (a DPA partition can have any size)."""
+    sizes = []
+    criterion = FastImageClassifier.criterion
+    monkeypatch.setattr(FastImageClassifier, "criterion", lambda self, logits, y, **kw: (
+        sizes.append(len(y)), criterion(self, logits, y, **kw))[1])
+    dm = DigitsDataModule(image_size=8, batch_size=32)
+    dm.setup("fit")
+    images, labels = dm.train_set.tensors()
+    votes = train_and_vote([build_model(FAST, 10, 1, 3, 0)], [0], [(images[:65], labels[:65])], images[:10], seed=3,
+                           max_epochs=2, batch_size=32, limit_train_batches=None, device=torch.device("cpu"),
+                           together=False)
+    assert sizes == [32, 33, 32, 33] and votes.shape == (1, 10)
+
+
 def test_rab_test_noise_is_each_models_own_draw_keyed_by_test_index():
     """RAB: model i votes on x_t + sigma * N(0, I), the draw keyed by (seed, i, TEST_NOISE) and test index t."""
     dm = DigitsDataModule(image_size=8, batch_size=32)
