@@ -557,9 +557,13 @@ def test_two_process_cpu_ddp_gives_the_same_votes(tmp_path, recipe):
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
-def test_fashion_mnist_dpa_config_runs_tiny(tmp_path, capsys):
-    """configs/fashion_mnist/certify_dpa.yaml on the real files, shrunk: its partitions cover the 54,000 images."""
-    main(["certify", "--config", str(ROOT / "configs" / "fashion_mnist" / "certify_dpa.yaml"), *CLI_TINY,
+@pytest.mark.parametrize("name, shrink", [("certify_dpa", "--model.backbone_kwargs={width: 4}"),
+                                          ("certify_dpa_fast", "--model.init_args.backbone_kwargs={widths: [4, 8, 8]}")])
+def test_fashion_mnist_dpa_config_runs_tiny(tmp_path, capsys, name, shrink):
+    """configs/fashion_mnist/certify_dpa.yaml (and its fast-recipe twin) on the real files, shrunk: its partitions
+    cover the 54,000 images."""
+    tiny = [arg for arg in CLI_TINY if not arg.startswith("--model.")] + [shrink]
+    main(["certify", "--config", str(ROOT / "configs" / "fashion_mnist" / f"{name}.yaml"), *tiny,
           f"--output_dir={tmp_path}"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_partitions"] == 3 and summary["num_test_points"] == 20
