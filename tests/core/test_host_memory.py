@@ -10,14 +10,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: The minor page faults of 20 training steps of the digits CNN (width 16, 16x16 images, batch 64), after 10 steps in
-#: which a tuned heap grows to what a step needs.
-STEPS = """
+#: A script's common part: ``step()`` run ``WARM_UP`` times, then the minor page faults of 20 more steps.
+HEAD = """
 import resource, sys, torch
-import torch.nn.functional as F
 from lightning_defense.core.host_memory import reuse_freed_memory
-from lightning_defense.models import SmallCNN
 tuned = reuse_freed_memory() if sys.argv[1] == "tune" else False
+"""
+TAIL = """
+for _ in range(WARM_UP):
+    step()
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+#: Training steps of the digits CNN (width 16, 16x16 images, batch 64), after 10 steps in which a tuned heap grows
+#: to what a step needs.
+STEPS = HEAD + """
+import torch.nn.functional as F
+from lightning_defense.models import SmallCNN
 torch.manual_seed(0)
 torch.set_num_threads(1)
 model = SmallCNN(10, 1, width=16)
@@ -27,29 +39,16 @@ def step():
     optimizer.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
-for _ in range(10):
-    step()
-start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    step()
-print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
-"""
+WARM_UP = 10
+""" + TAIL
 
-#: The minor page faults of allocating and filling a 40 MiB tensor 20 times, after 2 warm-up allocations: above
-#: the largest threshold glibc's own adaptation reaches (32 MiB), so by default every one is mapped afresh.
-BLOCKS = """
-import resource, sys, torch
-from lightning_defense.core.host_memory import reuse_freed_memory
-tuned = reuse_freed_memory() if sys.argv[1] == "tune" else False
+#: Allocating and filling a 40 MiB tensor, after 2 warm-up allocations: above the largest threshold glibc's own
+#: adaptation reaches (32 MiB), so by default every one is mapped afresh.
+BLOCKS = HEAD + """
 def step():
     torch.ones(10 << 20).sum()
-for _ in range(2):
-    step()
-start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    step()
-print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
-"""
+WARM_UP = 2
+""" + TAIL
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator only")
 
