@@ -78,13 +78,8 @@ def step_seconds(model: L.LightningModule, batch_size: int, repeats: int, total_
     x = torch.rand(batch_size, 3, 32, 32, generator=gen).to(device)
     y = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
     model = model.to(device)
-    conf = model.configure_optimizers() if isinstance(model, FastImageClassifier) else None
-    if conf is None:
-        from lightning_defense.core.recipe import sgd_with_steps
-
-        optimizer, scheduler = sgd_with_steps(model.parameters(), total_steps, **model.recipe())
-    else:
-        optimizer, scheduler = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    # each recipe's own optimizer and schedule over total_steps (ImageClassifier's milestones counted in steps here)
+    optimizer, scheduler, _ = model.optimizer_and_schedule(total_steps, total_steps)
     model.train()
     times = []
     for i in range(repeats + 1):  # the first step warms up (and whitens)
@@ -112,8 +107,6 @@ def models_per_hour_ratio(args) -> None:
         steps = epochs * math.ceil(train_images / batch)
         measure_batch = args.step_batch or batch
         kwargs = model_args(cfg["model"])
-        if cls is FastImageClassifier:
-            kwargs["total_steps"] = steps
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = cls(**kwargs, num_classes=10, in_chans=3)

@@ -1,7 +1,7 @@
 """Lightning's own overhead: ``Trainer.fit`` of ``ImageClassifier`` / a plain PyTorch loop, measured in one run.
 
 Both train the same model (same initial weights), with the same optimiser and schedule
-(``sgd_with_steps``), the same augmentation (``ImageClassifier.augment``: keyed crop/flip), on batches from
+(``ImageClassifier.optimizer_and_schedule``), the same augmentation (``ImageClassifier.augment``: keyed crop/flip), on batches from
 the same training loader, for the same epochs. The fit is configured as a library run is (no logger,
 progress bar, checkpoint or validation); ``training_step`` logs the loss and updates the accuracy metric as
 always. The plain loop is ``zero_grad / forward / cross-entropy / backward / step`` and a scheduler step per
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from lightning_defense.core.batch import unpack_batch
 from lightning_defense.core.host_memory import reuse_freed_memory
-from lightning_defense.core.recipe import sgd_with_steps
 from lightning_defense.datamodules import DigitsDataModule
 from lightning_defense.models import ImageClassifier
 
@@ -50,7 +49,7 @@ class PlainLoop:
         self.device = torch.device(args.device)
         self.model = self.model.to(self.device)
         self.loader = dm.train_dataloader()
-        self.optimizer, self.scheduler = sgd_with_steps(self.model.parameters(), args.epochs, **self.model.recipe())
+        self.optimizer, self.scheduler, _ = self.model.optimizer_and_schedule(args.epochs)
         self.model._augment_seed = 0
         self.model.train()
         self.batches, self.epochs_done = None, 0
