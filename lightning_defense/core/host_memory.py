@@ -3,11 +3,11 @@
 glibc's allocator serves blocks above a threshold (128 KiB, rising to the largest block freed) with ``mmap`` and
 returns them on free, and it hands free memory at the top of the heap back to the OS once that exceeds twice the
 threshold. A CPU training step frees and reallocates its activations and gradients every step, so each step maps
-and zero-fills the same pages again: on the digits CNN, 50 to 3,500 page faults a step (glibc's adaptation varies from
-process to process), which make a fit 1.3-1.5x slower (BENCHMARKS.md, "Host memory"). Blocks above 32 MiB, which
-that adaptation never reaches, are mapped afresh every time. :func:`reuse_freed_memory` raises both thresholds once, so freed blocks are
-reused; the process keeps the heap it has used at its peak. GPU training allocates little host memory and is not
-changed.
+and zero-fills the same pages again: on the digits CNN, 50 to 3,500 page faults a step (glibc's adaptation varies
+from process to process), which make a fit 1.3-1.5x slower (BENCHMARKS.md, "Host memory"). Blocks above 32 MiB,
+which that adaptation never reaches, are mapped afresh every time. :func:`reuse_freed_memory` raises both
+thresholds once, so freed blocks are reused; the process keeps the heap it has used at its peak. GPU training
+allocates little host memory and is not changed.
 
 The command line and the benchmarks call it at start; a script of one's own calls it once, before training::
 
