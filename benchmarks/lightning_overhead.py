@@ -63,9 +63,13 @@ class PlainLoop:
         loss.backward()
         self.optimizer.step()
 
-    def epoch(self, epoch: int) -> None:
+    def epoch_batches(self, epoch: int):
+        """``(batch_idx, batch)`` of epoch ``epoch``, shuffled as the fit shuffles it."""
         self.loader.sampler.set_epoch(epoch)
-        for batch_idx, batch in enumerate(self.loader):
+        return enumerate(self.loader)
+
+    def epoch(self, epoch: int) -> None:
+        for batch_idx, batch in self.epoch_batches(epoch):
             self.train_step(batch_idx, batch)
         self.scheduler.step()
 
@@ -77,8 +81,7 @@ class PlainLoop:
             if self.batches is not None:
                 self.scheduler.step()
                 self.epochs_done += 1
-            self.loader.sampler.set_epoch(self.epochs_done)
-            self.batches = enumerate(self.loader)
+            self.batches = self.epoch_batches(self.epochs_done)
             item = next(self.batches)
         self.train_step(*item)
         if self.device.type == "cuda":
