@@ -104,8 +104,9 @@ DEFAULT_SMOOTHING = {"class_path": "lightning_defense.datamodules.GaussianNoiseD
 ``smoothing``) this is Hong et al.'s "Gaussian-only" baseline; with mode ``rab`` it is RAB's training-set
 noise. Its sigma comes from ``sigma``."""
 # Bump when the training loop changes what a model's votes are (2: core fingerprints, digests; 3: the
-# wrapper's train_batch_transform applies to the models' batches, sigma is the wrapper's certified_sigma).
-FORMAT_VERSION = 3
+# wrapper's train_batch_transform applies to the models' batches, sigma is the wrapper's certified_sigma; 4: a
+# last batch of one image joins the batch before it, which changes the models of training sets of n = 1 mod batch).
+FORMAT_VERSION = 4
 
 CERTIFICATES_CSV = "certificates.csv"
 CURVE_CSV = "certified_accuracy.csv"

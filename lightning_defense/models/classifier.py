@@ -151,7 +151,17 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y, _ = unpack_batch(batch)
         x = self.augment(x, batch_idx)
-        logits = self(x)
+        try:
+            logits = self(x)
+        except ValueError as err:  # BatchNorm in training refuses a single value per channel
+            if len(x) == 1 and "more than 1 value per channel" in str(err):
+                raise ValueError(
+                    f"training batch {batch_idx} holds one image, and {type(self.backbone).__name__}'s BatchNorm needs "
+                    "more than one value per channel in training: the training set leaves one image over its last "
+                    "full batch. Set drop_last=True on the training DataLoader, or choose a batch size that does not "
+                    "leave one image over (the certification loop lets such an image join the batch before it)"
+                ) from err
+            raise
         loss = self.criterion(logits, y)
         self._count_correct(logits, y)
         if self._loss_is_read(batch_idx):

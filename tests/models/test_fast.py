@@ -362,3 +362,17 @@ def test_the_cifar_fast_recipe_config_fits_on_a_synthetic_archive(tmp_path):
 def test_the_fashion_mnist_fast_config_builds():
     cli = build_cli(["--config", str(ROOT / "configs" / "fashion_mnist" / "fast_baseline.yaml")], run=False)
     assert isinstance(cli.model, FastImageClassifier) and cli.model.hparams.in_chans == 1
+
+
+def test_a_fit_whose_last_batch_is_one_image_says_how_to_avoid_it(tmp_path):
+    """airbench reaches 1x1 at 8x8 pixels: BatchNorm then refuses a batch of one; the error names the fix."""
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(33, 1, 8, 8, generator=gen), torch.arange(33) % 10
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    model = tiny_model(crop_padding=0)
+    with pytest.raises(ValueError, match=r"training batch 1 holds one image.*drop_last=True") as info:
+        trainer(tmp_path, max_epochs=1).fit(model, torch.utils.data.DataLoader(dataset, batch_size=32))
+    assert "more than 1 value per channel" in str(info.value.__cause__)
+    model = tiny_model(crop_padding=0)  # the fix the message names
+    trainer(tmp_path, max_epochs=1).fit(model, torch.utils.data.DataLoader(dataset, batch_size=32, drop_last=True))
+    assert model.trainer.global_step == 1
