@@ -7,7 +7,8 @@
 #
 # Stages: single-step purification in fp32 and bf16 (img/s), ECLIPSE's 100-step reverse process, FRIENDS' fit
 # overhead, certification models/hour (batched vs one at a time; small CNN and airbench), the fast recipe's models/hour at CIFAR size
-# (fp32 and bf16; its accuracy needs CIFAR-10: benchmarks/fast_recipe.py), Lightning's overhead against a plain loop.
+# (fp32 and bf16; its accuracy needs CIFAR-10: benchmarks/fast_recipe.py), Lightning's overhead against a plain loop
+# (ImageClassifier, and the floor: a bare LightningModule doing the plain loop's step).
 set -euo pipefail
 device=cuda
 small=0
@@ -56,3 +57,5 @@ $py benchmarks/fast_recipe.py --skip-fit $fast --device "$device"
 $py benchmarks/fast_recipe.py --skip-fit $fast --device "$device" --precision bf16
 echo "## Lightning overhead"
 $py benchmarks/lightning_overhead.py $overhead --device "$device"
+echo "## Lightning's floor: the plain loop's step as a bare LightningModule"
+$py benchmarks/lightning_overhead.py $overhead --device "$device" --module bare

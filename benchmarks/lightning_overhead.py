@@ -14,6 +14,10 @@ steps is reported too: Lightning's per-step cost, without the fit's one-off setu
 
     python benchmarks/lightning_overhead.py                   # digits 16x16, small CNN width 16, batch 64, 8 epochs
     python benchmarks/lightning_overhead.py --repeats 5 --threads 1
+    python benchmarks/lightning_overhead.py --module bare     # Lightning's floor: the plain loop's step as a module
+
+``--module bare`` fits a bare ``LightningModule`` whose ``training_step`` is the plain loop's step (the same network,
+augmentation, optimiser and schedule; no logging, no accuracy count): what any module pays for Lightning's loop.
 """
 
 from __future__ import annotations
@@ -39,6 +43,23 @@ def build(args):
     model = ImageClassifier("small_cnn", num_classes=10, in_chans=1, lr=0.05, flip=False, crop_padding=2,
                             backbone_kwargs={"width": args.width}, augment_seed=0)
     return dm, model
+
+
+class BareModule(L.LightningModule):
+    """The plain loop's step as a ``LightningModule``: Lightning's own per-step cost with nothing of ours in it."""
+
+    def __init__(self, model: ImageClassifier, epochs: int) -> None:
+        super().__init__()
+        self.model, self.epochs = model, epochs
+        self.model._augment_seed = 0  # as the plain loop's: crops keyed by (seed 0, epoch 0, batch_idx)
+
+    def training_step(self, batch, batch_idx: int):
+        x, y, _ = unpack_batch(batch)
+        return F.cross_entropy(self.model(self.model.augment(x, batch_idx)), y)
+
+    def configure_optimizers(self):
+        optimizer, scheduler, interval = self.model.optimizer_and_schedule(self.epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
 
 class PlainLoop:
@@ -112,6 +133,8 @@ class StepPairs(L.Callback):
 
 def lightning_fit(args, pairs: StepPairs | None = None) -> tuple[float, float]:
     dm, model = build(args)
+    if args.module == "bare":
+        model = BareModule(model, args.epochs)
     trainer = L.Trainer(accelerator=args.device, devices=1, max_epochs=args.epochs, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=[pairs] if pairs else None)
@@ -137,6 +160,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--module", choices=("image_classifier", "bare"), default="image_classifier",
+                        help="the fitted module: ImageClassifier, or the plain loop's step as a bare LightningModule")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the Trainer's accelerator)")
     parser.add_argument("--glibc-default", action="store_true",
                         help="leave glibc's allocator as it is (the library's entry points call reuse_freed_memory)")
@@ -159,7 +184,7 @@ def main() -> None:
     for k, clock in enumerate(("wall-clock", "CPU time")):
         fit, loop = [f[k] for f in fits], [p[k] for p in loops]
         ratios = [a / b for a, b in zip(fit, loop)]
-        print(f"{clock}: Trainer.fit {statistics.median(fit):.2f} s, plain loop {statistics.median(loop):.2f} s "
+        print(f"{clock}: Trainer.fit of {args.module} {statistics.median(fit):.2f} s, plain loop {statistics.median(loop):.2f} s "
               f"({args.epochs} epochs, about {steps} steps)")
         print(f"Lightning overhead ({clock}): {statistics.median(ratios):.3f}x (median of {args.repeats} alternating "
               f"pairs; range {min(ratios):.3f}-{max(ratios):.3f}); "

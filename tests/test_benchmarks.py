@@ -18,7 +18,7 @@ def test_gpu_benchmark_script_runs_every_stage_small_on_cpu():
     assert proc.returncode == 0, out[-4000:]
     for line in ("precision: 32", "precision: bf16", "steps: 4", "pipeline / bare time", "ratio FriendsNoise / undefended",
                  "stacked layers", "votes equal to one at a time: 1.0000", "in groups of 2, ImageClassifier airbench",
-                 "in groups of 2, FastImageClassifier airbench", "Lightning overhead (wall-clock):", "Lightning overhead (CPU time):",
+                 "in groups of 2, FastImageClassifier airbench", "Lightning overhead (wall-clock):", "Trainer.fit of image_classifier", "Trainer.fit of bare", "Lightning overhead (CPU time):",
                  "Lightning overhead (interleaved steps, each fit step next to a plain-loop step):",
                  "models per hour on cpu (32)", "models per hour on cpu (bf16)",
                  "models per hour, fast recipe / ResNet-18 recipe, at 32x32x3:"):
