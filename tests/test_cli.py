@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from lightning_defense.cli import build_cli, main
-from lightning_defense.cli.fit import written_batch_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "digits" / "baseline.yaml"
@@ -57,10 +56,28 @@ def test_batch_limits_written_as_ints_stay_ints(tmp_path):
     assert (saved["limit_train_batches"], saved["limit_val_batches"], saved["limit_test_batches"]) == (1, 1, 1.0)
     assert type(saved["limit_val_batches"]) is int and type(saved["limit_test_batches"]) is float
     assert type(trainer.limit_test_batches) is float and trainer.limit_predict_batches == 0.5  # written as floats
-    # the last one written wins: a command-line 1.0 after a file's 1 means every batch
-    assert written_batch_limits(["--config", str(config), "--trainer.limit_train_batches=1.0"]) == {
-        "limit_train_batches": 1.0, "limit_test_batches": 1.0}
-    assert type(written_batch_limits(["--trainer.limit_train_batches=1.0", "-c", str(config)])["limit_train_batches"]) is int
+    # the last one written wins: a command-line 1.0 after a file's 1 means every batch, and the reverse one batch
+    args = ["--trainer.max_epochs=1", "--trainer.logger=false"]
+    every = build_cli([*args, "--config", str(config), "--trainer.limit_train_batches=1.0"], run=False).trainer
+    one = build_cli([*args, "--trainer.limit_train_batches=1.0", "-c", str(config)], run=False).trainer
+    assert type(every.limit_train_batches) is float and type(one.limit_train_batches) is int
+
+
+def test_print_config_writes_int_batch_limits_as_ints_and_a_rerun_from_it_reads_them_so(tmp_path, capsys):
+    """``--print_config > config.yaml`` then ``--config config.yaml``: a printed 1.0 would mean every batch."""
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", str(CONFIG), "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+                   "--trainer.limit_test_batches=0.5", "--print_config"])
+    printed = capsys.readouterr().out
+    trainer = yaml.safe_load(printed)["trainer"]
+    assert (trainer["limit_train_batches"], trainer["limit_val_batches"], trainer["limit_test_batches"]) == (2, 1, 0.5)
+    assert type(trainer["limit_train_batches"]) is int and type(trainer["limit_val_batches"]) is int
+    (tmp_path / "printed.yaml").write_text(printed)
+    rerun = build_cli(["fit", "--config", str(tmp_path / "printed.yaml"), "--trainer.max_epochs=1",
+                       "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                       f"--trainer.default_root_dir={tmp_path}"]).trainer
+    assert (rerun.limit_train_batches, rerun.limit_val_batches, rerun.limit_test_batches) == (2, 1, 0.5)
+    assert rerun.num_training_batches == 2 and rerun.num_val_batches == [1]
 
 
 def test_the_shell_command_line_parses_without_lightnings_args_warning():
@@ -69,7 +86,7 @@ def test_the_shell_command_line_parses_without_lightnings_args_warning():
                            "--trainer.limit_val_batches=1", "--print_config"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "limit_val_batches: 1.0" in proc.stdout  # the printed config is the parser's, before the Trainer
+    assert "limit_val_batches: 1\n" in proc.stdout  # one batch, as written
     assert "args parameter is intended" not in proc.stderr, proc.stderr[-3000:]
 
 

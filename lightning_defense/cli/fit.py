@@ -18,15 +18,14 @@ import re
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import lightning as L
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_defense.core.config import resolve_class
-from lightning_defense.core.store import atomic_write
 from lightning_defense.models.classifier import ImageClassifier
 
 #: The data's attribute -> the model argument it is linked into.
@@ -35,8 +34,8 @@ LINKS = (("num_classes", "num_classes"), ("num_channels", "in_chans"))
 _CLASS_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
 
 
-#: Trainer arguments that Lightning types ``Union[float, int]``: the parser reads ``1`` as ``1.0``, which Lightning
-#: takes as 100% of the batches where the user asked for one batch.
+#: Trainer arguments that Lightning types ``Optional[Union[int, float]]``: an int is a number of batches, a float
+#: a fraction (``1.0``: every batch).
 BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
 
 
@@ -69,27 +68,6 @@ def model_class_path(argv: Any) -> Optional[str]:
     return found
 
 
-def written_batch_limits(argv: Any) -> dict[str, Any]:
-    """The :data:`BATCH_LIMITS` as a command line and its ``--config`` files write them (the last one wins):
-    ``1`` is an int here, where the parser gives ``1.0``."""
-    written: dict[str, Any] = {}
-    for name, value in _options(argv):
-        if name in ("--config", "-c"):
-            config = _yaml(value)
-            trainer = config.get("trainer") if isinstance(config, dict) else None
-            if isinstance(trainer, dict):
-                written.update({key: trainer[key] for key in BATCH_LIMITS if key in trainer})
-        elif name.removeprefix("--trainer.") in BATCH_LIMITS and value is not None:
-            written[name.removeprefix("--trainer.")] = _yaml(value)
-    return written
-
-
-def int_batch_limits(config: Any) -> dict[str, int]:
-    """The :data:`BATCH_LIMITS` of a parsed config (its ``trainer`` section) that are ints."""
-    trainer = config.get("trainer") or {}
-    return {name: trainer.get(name) for name in BATCH_LIMITS if type(trainer.get(name)) is int}
-
-
 def _yaml(value: Optional[str]) -> Any:
     if value is None:
         return None
@@ -106,46 +84,32 @@ def _class_path(value: Any) -> Optional[str]:
     return value if isinstance(value, str) and _CLASS_PATH.match(value) else None
 
 
-class IntBatchLimitsSaveConfig(SaveConfigCallback):
-    """LightningCLI's ``config.yaml`` beside the run, with the batch limits written as ints saved as ints (the
-    parser's dump gives ``1.0``, which a rerun from the file would take as every batch)."""
+class BatchLimitsParser(LightningArgumentParser):
+    """LightningArgumentParser that reads each of :data:`BATCH_LIMITS` written as an int as that int.
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        limits = int_batch_limits(self.config)
-        rewrite = self.save_to_log_dir and limits and not self.already_saved
-        log_dir = trainer.log_dir if rewrite else None  # a broadcast: every rank asks, as LightningCLI's does
-        super().setup(trainer, pl_module, stage)
-        path = Path(log_dir or ".") / self.config_filename
-        if rewrite and trainer.is_global_zero and path.is_file():  # rank 0 wrote it
-            saved = yaml.safe_load(path.read_text())
-            saved["trainer"].update(limits)
-            atomic_write(path, yaml.safe_dump(saved, sort_keys=False))
+    Lightning annotates them ``Optional[Union[int, float]]``, but ``typing`` caches unions by equality, so the
+    annotation the parser sees can be an equal ``Union[float, int, None]`` made earlier. The parser then tries
+    float first and reads ``1`` as ``1.0``: every batch where one was asked for, in the Trainer, in
+    ``--print_config`` and in the saved ``config.yaml``. Here they are typed int first.
+    """
+
+    def add_lightning_class_args(self, lightning_class: Any, nested_key: str, subclass_mode: bool = False,
+                                 required: bool = True) -> list[str]:
+        if subclass_mode or not (isinstance(lightning_class, type) and issubclass(lightning_class, L.Trainer)):
+            return super().add_lightning_class_args(lightning_class, nested_key, subclass_mode, required)
+        added = self.add_class_arguments(lightning_class, nested_key, fail_untyped=False, instantiate=False,
+                                         sub_configs=True, skip=set(BATCH_LIMITS))
+        for name in BATCH_LIMITS:
+            self.add_argument(f"--{nested_key}.{name}", type=Union[int, float, None], default=None,
+                              help="int: that many batches; float: that fraction of them (1.0: all); null: all")
+        return added + [f"{nested_key}.{name}" for name in BATCH_LIMITS]
 
 
 class IntBatchLimitsCLI(LightningCLI):
-    """LightningCLI that gives the Trainer each of :data:`BATCH_LIMITS` written as an int as that int.
+    """LightningCLI whose parser reads a batch limit written as an int as that int (:class:`BatchLimitsParser`)."""
 
-    Lightning types them ``Union[float, int]``, so the parser alone turns ``--trainer.limit_val_batches=1`` (or
-    ``limit_val_batches: 1`` in a config) into ``1.0``: every batch, where one was asked for.
-    """
-
-    def __init__(self, *args: Any, save_config_callback: Optional[type] = IntBatchLimitsSaveConfig,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
-
-    def parse_arguments(self, parser, args) -> None:
-        """LightningCLI's parse, with each of :data:`BATCH_LIMITS` that was written as an int put back as that int."""
-        super().parse_arguments(parser, args)
-        subcommand = self.config.get("subcommand")
-        trainer = (self.config[subcommand] if subcommand else self.config).get("trainer") or {}
-        for name, value in written_batch_limits(sys.argv[1:] if args is None else args).items():
-            if type(value) is int and trainer.get(name) == value:
-                trainer[name] = value  # instantiating the classes normalises it to 1.0 again: see below
-
-    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """LightningCLI's Trainer, given the int batch limits as ints: ``1`` is one batch, not 1.0 (all of them)."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        return super().instantiate_trainer(**{**int_batch_limits(config), **kwargs})
+    def __init__(self, *args: Any, parser_class: type = BatchLimitsParser, **kwargs: Any) -> None:
+        super().__init__(*args, parser_class=parser_class, **kwargs)
 
 
 class DefenseCLI(IntBatchLimitsCLI):
