@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
@@ -69,13 +70,30 @@ def evaluation_config(argv: list[str]) -> EvaluationConfig:
     return EvaluationConfig(**fields)
 
 
+#: Loggers whose info is one "GPU available" banner per victim: quiet while ``evaluate`` trains its victims.
+BANNER_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric")
+
+
+@contextmanager
+def banners_quieted() -> Iterator[None]:
+    """:data:`BANNER_LOGGERS` at WARNING inside, their own levels again after (the process's logging is not ours)."""
+    loggers = [logging.getLogger(name) for name in BANNER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def run_evaluate(argv: list[str]) -> None:
     """Run (or resume) the evaluation and print the "(accuracy) success" table."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # one "GPU available" banner per victim is noise
-    config = evaluation_config(argv)
-    evaluation = Evaluation(config)
-    _, table = evaluation.report(evaluation.run())
+    with banners_quieted():
+        config = evaluation_config(argv)
+        evaluation = Evaluation(config)
+        _, table = evaluation.report(evaluation.run())
     if evaluation.rank != 0:  # under DDP every rank runs the trials; rank 0 reports
         return
     print(table)

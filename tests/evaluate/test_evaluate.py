@@ -466,8 +466,15 @@ def test_evaluate_under_two_process_ddp_matches_one_process(tmp_path):
     import subprocess
     import sys
 
+    import logging
+
+    from lightning_defense.cli.evaluate import BANNER_LOGGERS
+
     root = Path(__file__).resolve().parents[2]
+    levels = {name: logging.getLogger(name).level for name in BANNER_LOGGERS}
     main(["evaluate", "--config", str(_ddp_config(tmp_path, "one", 1))])
+    # its banners were quiet while victims trained; the process's logging is as it was (later info still shows)
+    assert {name: logging.getLogger(name).level for name in BANNER_LOGGERS} == levels
     one = json.loads((tmp_path / "one" / "table.json").read_text())
     cmd = [sys.executable, "-m", "lightning_defense.cli", "evaluate", "--config", str(_ddp_config(tmp_path, "two", 2))]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
