@@ -15,6 +15,7 @@ steps is reported too: Lightning's per-step cost, without the fit's one-off setu
     python benchmarks/lightning_overhead.py                   # digits 16x16, small CNN width 16, batch 64, 8 epochs
     python benchmarks/lightning_overhead.py --repeats 5 --threads 1
     python benchmarks/lightning_overhead.py --module bare     # Lightning's floor: the plain loop's step as a module
+    python benchmarks/lightning_overhead.py --module bare --barebones   # the same in Trainer(barebones=True)
 
 ``--module bare`` fits a bare ``LightningModule`` whose ``training_step`` is the plain loop's step (the same network,
 augmentation, optimiser and schedule; no logging, no accuracy count): what any module pays for Lightning's loop.
@@ -135,9 +136,11 @@ def lightning_fit(args, pairs: StepPairs | None = None) -> tuple[float, float]:
     dm, model = build(args)
     if args.module == "bare":
         model = BareModule(model, args.epochs)
-    trainer = L.Trainer(accelerator=args.device, devices=1, max_epochs=args.epochs, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[pairs] if pairs else None)
+    quiet = {"barebones": True} if args.barebones else {  # barebones mode turns these off itself
+        "logger": False, "enable_progress_bar": False, "enable_checkpointing": False, "enable_model_summary": False,
+        "num_sanity_val_steps": 0}
+    trainer = L.Trainer(accelerator=args.device, devices=1, max_epochs=args.epochs, limit_val_batches=0,
+                        callbacks=[pairs] if pairs else None, **quiet)
     start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(model, datamodule=dm)
     return time.perf_counter() - start, time.process_time() - cpu
@@ -162,11 +165,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--module", choices=("image_classifier", "bare"), default="image_classifier",
                         help="the fitted module: ImageClassifier, or the plain loop's step as a bare LightningModule")
+    parser.add_argument("--barebones", action="store_true",
+                        help="Trainer(barebones=True), Lightning's speed mode (needs --module bare: it refuses self.log)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the Trainer's accelerator)")
     parser.add_argument("--glibc-default", action="store_true",
                         help="leave glibc's allocator as it is (the library's entry points call reuse_freed_memory)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.barebones and args.module != "bare":
+        parser.error("--barebones needs --module bare: ImageClassifier calls self.log, which barebones mode refuses")
     if not args.glibc_default:
         reuse_freed_memory()
     if args.threads:
@@ -184,7 +191,8 @@ def main() -> None:
     for k, clock in enumerate(("wall-clock", "CPU time")):
         fit, loop = [f[k] for f in fits], [p[k] for p in loops]
         ratios = [a / b for a, b in zip(fit, loop)]
-        print(f"{clock}: Trainer.fit of {args.module} {statistics.median(fit):.2f} s, plain loop {statistics.median(loop):.2f} s "
+        fitted = f"{args.module}{' (barebones)' if args.barebones else ''}"
+        print(f"{clock}: Trainer.fit of {fitted} {statistics.median(fit):.2f} s, plain loop {statistics.median(loop):.2f} s "
               f"({args.epochs} epochs, about {steps} steps)")
         print(f"Lightning overhead ({clock}): {statistics.median(ratios):.3f}x (median of {args.repeats} alternating "
               f"pairs; range {min(ratios):.3f}-{max(ratios):.3f}); "

@@ -61,3 +61,17 @@ def test_host_memory_benchmark_runs_small():
     for line in ("glibc default: fit", "glibc tuned: fit", "minor page faults a step (3 steps)",
                  "fit time, glibc default / freed memory reused:"):
         assert line in out, (line, out[-3000:])
+
+
+def test_lightning_overhead_in_barebones_mode_runs_small_and_refuses_a_logging_module():
+    script = [sys.executable, str(ROOT / "benchmarks" / "lightning_overhead.py"), "--epochs", "1", "--repeats", "1",
+              "--width", "4", "--image-size", "8", "--threads", "1", "--barebones"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([*script, "--module", "bare"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for line in ("Trainer(barebones=True)", "wall-clock: Trainer.fit of bare (barebones)",
+                 "Lightning overhead (interleaved steps, each fit step next to a plain-loop step):"):
+        assert line in out, (line, out[-3000:])
+    proc = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # ImageClassifier
+    assert proc.returncode == 2 and "--barebones needs --module bare" in proc.stderr, proc.stderr[-3000:]
