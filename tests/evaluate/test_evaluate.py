@@ -462,11 +462,10 @@ def test_evaluate_under_two_process_ddp_matches_one_process(tmp_path):
     only things that differ by construction), and the test accuracy is reduced over both ranks' halves of
     the test split. What is left is floating-point summation order, hence the small tolerance.
     """
+    import logging
     import os
     import subprocess
     import sys
-
-    import logging
 
     from lightning_defense.cli.evaluate import BANNER_LOGGERS
 
